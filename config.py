@@ -1,0 +1,464 @@
+"""The typed settings of train-llama: every knob, its env var, default and validation.
+
+Each field is an environment variable (the interface of a Hugging Face Space), optionally also set in
+a YAML or TOML file named by ``CONFIG_FILE``. Precedence: environment > file > default. All problems
+are collected and reported together (``SettingsError``); entry points turn that into exit code 2
+before any heavy import.
+
+The derived configs (model architecture, DeepSpeed, trainer arguments) are pure functions of the
+settings, so every entry point derives the same values.
+
+``python3 config.py`` prints the resolved settings and architecture.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+EXIT_BAD_INPUT = 2
+
+# Named model sizes. "tiny" and "small" are explicit shapes (tiny: the CPU default; small: the
+# ~27M shape the throughput benchmark uses); the others are parameter targets sized by `architecture`.
+MODEL_PRESETS: dict[str, dict[str, int] | int] = {
+    "tiny": {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2},
+    "small": {"hidden_size": 512, "num_hidden_layers": 6, "num_attention_heads": 8, "num_key_value_heads": 4},
+    "125M": 125_000_000,
+    "350M": 350_000_000,
+    "1B": 1_000_000_000,
+    "3B": 3_000_000_000,
+}
+
+
+class BadInput(ValueError):
+    """Bad input (a variable, a dataset, a checkpoint): one line per problem, each naming the input,
+    what is wrong and how to fix it. Entry points exit with EXIT_BAD_INPUT, having written nothing."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class SettingsError(BadInput):
+    """Bad settings: one line per problem, each naming the variable, the value and what is accepted."""
+
+
+def parse_count(text: str) -> int:
+    """'125M' -> 125_000_000; '1.5B' -> 1_500_000_000; '3e6' -> 3_000_000."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kKmMbB]?)\s*", text)
+    if not m:
+        raise ValueError("expected a count such as 125M, 1.5B or 3000000")
+    scale = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}[m.group(2).lower()]
+    return int(round(float(m.group(1)) * scale))
+
+
+def parse_duration_s(text: str) -> int:
+    """'30m' -> 1800; '5h' -> 18000; '1h30m' -> 5400; '90' (bare number = minutes) -> 5400."""
+    t = text.strip().lower()
+    if re.fullmatch(r"[0-9]+", t):
+        return int(t) * 60
+    parts = re.findall(r"([0-9]+)\s*([dhms])", t)
+    if not parts or re.sub(r"[0-9]+\s*[dhms]", "", t).strip():
+        raise ValueError("expected a duration such as 30m, 5h or 1h30m")
+    unit = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+    return sum(int(n) * unit[u] for n, u in parts)
+
+
+def is_local_target(repo: str) -> bool:
+    """A local directory (absolute, ./, ../, ~ or file:) rather than a Hub repo id 'owner/name'."""
+    return repo.startswith(("/", "./", "../", "~", "file:")) or repo in {".", ".."}
+
+
+def local_path(repo: str) -> Path:
+    return Path(repo.removeprefix("file:")).expanduser().resolve()
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}")
+
+
+class _FileSource(PydanticBaseSettingsSource):
+    """Values from the YAML/TOML file named by CONFIG_FILE; an unknown key is an error."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: str | None):
+        super().__init__(settings_cls)
+        self.path = path
+        self.problems: list[str] = []
+
+    def get_field_value(self, field, field_name):  # pragma: no cover - __call__ does the work
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        if not self.path:
+            return {}
+        p = Path(self.path)
+        try:
+            text = p.read_text()
+            data = tomllib.loads(text) if p.suffix == ".toml" else _yaml_load(text)
+        except FileNotFoundError:
+            raise SettingsError([f"CONFIG_FILE={self.path!r}: no such file. Fix: point CONFIG_FILE at a .yaml or .toml file."])
+        except Exception as e:  # noqa: BLE001 - any parse error is the same bad input
+            raise SettingsError([f"CONFIG_FILE={self.path!r}: cannot parse ({e}). Fix: valid YAML or TOML."])
+        if not isinstance(data, dict):
+            raise SettingsError([f"CONFIG_FILE={self.path!r}: expected a mapping of VARIABLE: value."])
+        known = _known_names()
+        unknown = [k for k in data if str(k).upper() not in known]
+        if unknown:
+            raise SettingsError([
+                f"CONFIG_FILE={self.path!r}: unknown key {k!r}. Accepted keys: the variables in the README "
+                f"({', '.join(sorted(known))})." for k in unknown
+            ])
+        # Values of any type become what the environment would have given (strings), so the same
+        # validation applies; lists/dicts are not accepted by any field.
+        return {str(k).upper(): (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in data.items()}
+
+
+def _yaml_load(text: str) -> Any:
+    import yaml
+
+    return yaml.safe_load(text) or {}
+
+
+def _known_names() -> set[str]:
+    names = set()
+    for name, f in Settings.model_fields.items():
+        names.add(name.upper())
+        if isinstance(f.validation_alias, AliasChoices):
+            names.update(str(a) for a in f.validation_alias.choices)
+    return names
+
+
+def _aliases(name: str) -> set[str]:
+    """Every env name of the field that `name` (any of its names) belongs to."""
+    for fname, f in Settings.model_fields.items():
+        choices = {str(c) for c in f.validation_alias.choices} if isinstance(f.validation_alias, AliasChoices) else set()
+        if name in choices or name.lower() == fname:
+            return choices | {fname.upper()}
+    return {name}
+
+
+def _env(name: str, *aliases: str, **kw) -> Any:
+    return Field(validation_alias=AliasChoices(name, *aliases), **kw)
+
+
+class Settings(BaseSettings):
+    """Every knob of a run. Field docs are the README's variable table."""
+
+    model_config = SettingsConfigDict(case_sensitive=True, env_ignore_empty=True, extra="ignore",
+                                      populate_by_name=True, validate_default=True)
+
+    # --- run state -------------------------------------------------------------------------------
+    init: int | None = _env("INIT", default=None, ge=0,
+                            description="Shard index to train (overrides the published record; default: from the record).")
+    inst: bool | None = _env("INST", default=None,
+                             description="true: instruction tuning stage; false: pretraining (default: from the record).")
+    max_runs: int = _env("MAX_RUNS", default=0, ge=0, description="Local loop: stop after this many runs (0 = until done).")
+
+    # --- data ------------------------------------------------------------------------------------
+    input_dataset: str = _env("INPUT_DATASET", "INPUT_DS", default="data/pretrain.jsonl",
+                              description="Pretraining corpus: Hub dataset id, local directory, or .jsonl/.json/.parquet/.txt file.")
+    instruct_dataset: str = _env("INSTRUCT_DATASET", "INST_DS", default="data/instruct.jsonl",
+                                 description="Instruction (chat) dataset, same forms as INPUT_DATASET.")
+    text_column: str = _env("TEXT_COLUMN", default="text", description="Pretraining text column.")
+    dataset_split: str = _env("DATASET_SPLIT", default="train", description="Split read from both datasets.")
+    shard_size: int = _env("SHARD_SIZE", default=5000, ge=1, description="Rows per shard; run k trains rows [k*SHARD_SIZE, (k+1)*SHARD_SIZE).")
+    val_fraction: float = _env("VAL_FRACTION", default=0.05, gt=0, lt=0.5, description="Share of each shard held out for validation.")
+    tokenizer_sample_mb: float = _env("TOKENIZER_SAMPLE_MB", default=64.0, gt=0,
+                                      description="Cap on the text (MB) the tokenizer is trained on (first run only).")
+    vocab_size: int = _env("VOCAB_SIZE", default=4096, ge=300, le=262144, description="Tokenizer vocabulary size.")
+    max_length: int = _env("MAX_LENGTH", default=256, ge=16, le=131072, description="Tokens per training sequence.")
+
+    # --- model -----------------------------------------------------------------------------------
+    model_size: str | None = _env("MODEL_SIZE", default=None,
+                                  description=f"Named size: {', '.join(MODEL_PRESETS)} (default tiny when no other size is set).")
+    target_parameters: str | None = _env("TARGET_PARAMETERS", default=None,
+                                         description="Model size as a parameter count, e.g. 125M, 1.5B (1M-3B).")
+    factor: int | None = _env("FACTOR", default=None, ge=64,
+                              description="Deprecated: hidden size (multiple of 64); use TARGET_PARAMETERS.")
+
+    # --- training --------------------------------------------------------------------------------
+    use_quant: bool = _env("USE_QUANT", default=False, description="Train NF4 4-bit base weights with LoRA adapters.")
+    batch_size: int = _env("BATCH_SIZE", default=16, ge=1, description="Sequences per device per step.")
+    gradient_accumulation_steps: int = _env("GRADIENT_ACCUMULATION_STEPS", default=1, ge=1,
+                                            description="Micro-batches per optimizer step.")
+    epochs: float = _env("EPOCHS", default=1.0, gt=0, le=1000, description="Passes over each shard.")
+    learning_rate: float = _env("LEARNING_RATE", default=2e-3, gt=0, lt=1, description="Peak learning rate (cosine schedule).")
+    weight_decay: float = _env("WEIGHT_DECAY", default=0.1, ge=0, lt=1, description="AdamW weight decay.")
+    warmup_ratio: float = _env("WARMUP_RATIO", default=0.05, ge=0, lt=1, description="Share of steps spent warming up.")
+    max_steps: int | None = _env("MAX_STEPS", default=None, ge=1, description="Cap on optimizer steps per run.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = _env(
+        "PRECISION", default="auto",
+        description="auto = bf16 where the hardware has it (Ampere+ GPU, CPU with AMX/AVX512-bf16), else fp16 on GPU, fp32 on CPU.")
+    gradient_checkpointing: Literal["auto", "true", "false"] = _env(
+        "GRADIENT_CHECKPOINTING", default="auto", description="auto = on when the activations would not fit in memory.")
+    num_processes: int = _env("NUM_PROCESSES", default=0, ge=0,
+                              description="Training ranks (0 = one per GPU, or 1 on CPU).")
+    seed: int = _env("SEED", default=42, ge=0, description="Seed for weights, data order and splits.")
+
+    # --- output ----------------------------------------------------------------------------------
+    output_repo: str = _env("OUTPUT_REPO", default="./output/llama",
+                            description="Where runs are published: a local directory (./, /, ~) or a Hub repo id owner/name. Instruct runs go to OUTPUT_REPO-it.")
+    input_repo: str | None = _env("INPUT_REPO", default=None,
+                                  description="Model the first instruct run starts from (default: OUTPUT_REPO).")
+    hf_token: SecretStr | None = _env("HF_TOKEN", default=None, description="Hugging Face token (write access), needed for a Hub OUTPUT_REPO.")
+    work_dir: str = _env("WORK_DIR", default="./work", description="Scratch directory for prepared data and checkpoints.")
+
+    # --- time --------------------------------------------------------------------------------------
+    startup_duration_timeout: str = _env("STARTUP_DURATION_TIMEOUT", default="30m",
+                                         description="Run time limit (30m, 5h); a Space sets its own.")
+    timeout_buffer: float = _env("TIMEOUT_BUFFER", default=5.0, ge=0, description="Minutes kept free before the limit to save and publish.")
+    time_budget: str | None = _env("TIME_BUDGET", default=None, description="Explicit training time budget (overrides the two above).")
+
+    config_file: str | None = _env("CONFIG_FILE", default=None, description="YAML or TOML file with any of these variables.")
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings) -> tuple[PydanticBaseSettingsSource, ...]:
+        path = os.environ.get("CONFIG_FILE") or None
+        return init_settings, env_settings, _FileSource(settings_cls, path)
+
+    @field_validator("target_parameters")
+    @classmethod
+    def _count(cls, v: str | None) -> str | None:
+        if v is not None:
+            n = parse_count(v)
+            if not 1_000_000 <= n <= 3_000_000_000:
+                raise ValueError("expected a count from 1M to 3B")
+        return v
+
+    @field_validator("model_size")
+    @classmethod
+    def _preset(cls, v: str | None) -> str | None:
+        if v is not None and v not in MODEL_PRESETS:
+            raise ValueError(f"expected one of {', '.join(MODEL_PRESETS)}")
+        return v
+
+    @field_validator("startup_duration_timeout", "time_budget")
+    @classmethod
+    def _duration(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_duration_s(v)
+        return v
+
+    # --- derived values ----------------------------------------------------------------------------
+    def time_budget_s(self) -> int:
+        if self.time_budget:
+            return parse_duration_s(self.time_budget)
+        return max(60, parse_duration_s(self.startup_duration_timeout) - int(self.timeout_buffer * 60))
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as a JSON-able dict, the token masked (safe for logs, cards and records)."""
+        out = {}
+        for name in type(self).model_fields:
+            v = getattr(self, name)
+            if isinstance(v, SecretStr):
+                v = "***" if v.get_secret_value() else None
+            out[name.upper()] = v
+        return out
+
+
+def _cross_checks(s: Settings) -> list[str]:
+    problems = []
+    sizes = [n for n, v in (("MODEL_SIZE", s.model_size), ("TARGET_PARAMETERS", s.target_parameters), ("FACTOR", s.factor)) if v is not None]
+    if len(sizes) > 1:
+        problems.append(f"{' and '.join(sizes)} are both set: they choose the same thing (the model size). Fix: set only one.")
+    if s.factor is not None and s.factor % 64:
+        problems.append(f"FACTOR={s.factor!r}: the hidden size must be a multiple of 64. Fix: e.g. FACTOR={max(64, s.factor // 64 * 64)}.")
+    if not is_local_target(s.output_repo):
+        if not HUB_ID.fullmatch(s.output_repo):
+            problems.append(f"OUTPUT_REPO={s.output_repo!r}: neither a local path (./dir, /dir, ~/dir) nor a Hub repo id (owner/name). "
+                            "Fix: e.g. OUTPUT_REPO=./output/llama or OUTPUT_REPO=you/my-llama.")
+        elif s.hf_token is None or not s.hf_token.get_secret_value():
+            problems.append(f"OUTPUT_REPO={s.output_repo!r} is a Hub repo but HF_TOKEN is not set. "
+                            "Fix: set the secret HF_TOKEN to a token with write access, or use a local OUTPUT_REPO.")
+    if s.input_repo is not None and not is_local_target(s.input_repo) and not HUB_ID.fullmatch(s.input_repo):
+        problems.append(f"INPUT_REPO={s.input_repo!r}: neither a local path nor a Hub repo id (owner/name).")
+    if s.use_quant:
+        problems.append("USE_QUANT=true: 4-bit NF4 + LoRA training is not available in this version. Fix: USE_QUANT=false.")
+    return problems
+
+
+def load_settings(env: dict[str, str] | None = None) -> Settings:
+    """Build the settings from the environment (and CONFIG_FILE); raise SettingsError listing every problem."""
+    saved = dict(os.environ)
+    if env is not None:
+        os.environ.clear()
+        os.environ.update(env)
+    try:
+        try:
+            s = Settings()
+        except ValidationError as e:
+            problems = [_describe(err) for err in e.errors()]
+            # Report the cross-variable problems too: re-validate with the bad variables unset.
+            bad = {str(err["loc"][0]) for err in e.errors() if err.get("loc")}
+            for name in bad | {a for n in bad for a in _aliases(n)}:
+                os.environ.pop(name, None)
+            try:
+                problems += _cross_checks(Settings())
+            except (ValidationError, SettingsError):
+                pass  # the bad values came from CONFIG_FILE; they are reported above
+            raise SettingsError(problems) from None
+        problems = _cross_checks(s)
+        if problems:
+            raise SettingsError(problems)
+        return s
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _describe(err: dict[str, Any]) -> str:
+    name = str(err["loc"][0]) if err.get("loc") else "?"
+    field = Settings.model_fields.get(name.lower())
+    if field is None:
+        for fname, f in Settings.model_fields.items():
+            if isinstance(f.validation_alias, AliasChoices) and name in f.validation_alias.choices:
+                field = f
+                name = str(f.validation_alias.choices[0])
+                break
+    value = err.get("input")
+    shown = "***" if name == "HF_TOKEN" else repr(value)
+    msg = err.get("msg", "invalid").removeprefix("Value error, ")
+    doc = f" ({field.description})" if field is not None and field.description else ""
+    return f"{name}={shown}: {msg}.{doc}"
+
+
+# --- derived configs -------------------------------------------------------------------------------
+
+
+def _layer_params(d: int, kv_dim: int, ffn: int) -> int:
+    # q and o are d×d, k and v are d×kv_dim; SwiGLU has gate, up (d×ffn) and down (ffn×d); 2 RMSNorms.
+    return 2 * d * d + 2 * d * kv_dim + 3 * d * ffn + 2 * d
+
+
+def count_parameters(arch: dict[str, int | bool]) -> int:
+    """Parameters of a Llama with this shape (the same count as sum(p.numel()) of the built model)."""
+    d, v = int(arch["hidden_size"]), int(arch["vocab_size"])
+    kv_dim = int(arch["num_key_value_heads"]) * int(arch["head_dim"])
+    emb = v * d * (1 if arch["tie_word_embeddings"] else 2)
+    return emb + int(arch["num_hidden_layers"]) * _layer_params(d, kv_dim, int(arch["intermediate_size"])) + d
+
+
+def _shape(d: int, layers: int, vocab: int, heads: int | None = None, kv_heads: int | None = None) -> dict[str, Any]:
+    """A Llama-3-style shape for hidden size d: head dim 64 (128 past 2048), GQA 4:1, SwiGLU ≈ 8/3·d."""
+    head_dim = 128 if d > 2048 and d % 128 == 0 else 64
+    heads = heads or d // head_dim
+    head_dim = d // heads
+    if kv_heads is None:
+        kv_heads = max(k for k in range(1, max(1, heads // 4) + 1) if heads % k == 0)
+    ffn = max(64, int(round(8 * d / 3 / 64)) * 64)
+    return {"hidden_size": d, "num_hidden_layers": layers, "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads, "head_dim": head_dim, "intermediate_size": ffn, "vocab_size": vocab,
+            "tie_word_embeddings": True}
+
+
+def size_for_target(target: int, vocab: int) -> dict[str, Any]:
+    """The shape whose parameter count is closest to `target` with a Llama-like width/depth ratio.
+
+    Among hidden sizes d with a whole number of layers landing within 5% of the
+    target, pick the one whose d/layers is closest to 64 (small models) or 128 (≥ 500M), as the
+    Llama family does; fall back to the closest count.
+    """
+    ratio = 64 if target < 500_000_000 else 128
+    best, best_key = None, None
+    # Widths that give whole GQA groups: any multiple of 64 below 512, then multiples of 256
+    # (heads of 64 in groups of 4), then of 512 (heads of 128 in groups of 4).
+    widths = [*range(64, 512, 64), *range(512, 2048 + 1, 256), *range(2560, 8192 + 1, 512)]
+    for d in widths:
+        probe = _shape(d, 1, vocab)
+        per_layer = count_parameters(probe) - count_parameters({**probe, "num_hidden_layers": 0})
+        fixed = count_parameters({**probe, "num_hidden_layers": 0})
+        layers = round((target - fixed) / per_layer)
+        if not 1 <= layers <= 128:
+            continue
+        arch = _shape(d, layers, vocab)
+        err = abs(count_parameters(arch) - target) / target
+        key = (err > 0.05, abs(math.log((d / layers) / ratio)), err)
+        if best_key is None or key < best_key:
+            best, best_key = arch, key
+    if best is None:
+        raise SettingsError([f"TARGET_PARAMETERS={target}: no Llama shape fits with VOCAB_SIZE={vocab}. Fix: a larger target or a smaller vocabulary."])
+    return best
+
+
+def architecture(s: Settings) -> dict[str, Any]:
+    """LlamaConfig keyword arguments resolved from MODEL_SIZE / TARGET_PARAMETERS / FACTOR."""
+    if s.target_parameters is not None:
+        arch = size_for_target(parse_count(s.target_parameters), s.vocab_size)
+    elif s.factor is not None:
+        arch = _shape(s.factor, max(1, s.factor // 64), s.vocab_size)
+    else:
+        preset = MODEL_PRESETS[s.model_size or "tiny"]
+        if isinstance(preset, int):
+            arch = size_for_target(preset, s.vocab_size)
+        else:
+            arch = _shape(preset["hidden_size"], preset["num_hidden_layers"], s.vocab_size,
+                          preset["num_attention_heads"], preset["num_key_value_heads"])
+    return {**arch, "max_position_embeddings": s.max_length, "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
+            "hidden_act": "silu", "initializer_range": 0.02, "attention_bias": False, "mlp_bias": False}
+
+
+def cpu_has_bf16() -> bool:
+    """AMX or AVX512-bf16 in /proc/cpuinfo: bf16 matmuls are fast on this CPU."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(amx_bf16|avx512_bf16)\b", flags))
+
+
+def resolve_precision(s: Settings) -> str:
+    """bf16 | fp16 | fp32 for this hardware (imports torch)."""
+    import torch
+
+    if s.precision != "auto":
+        return s.precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_bf16() else "fp32"
+
+
+def deepspeed_config(s: Settings, precision: str) -> dict[str, Any]:
+    """ZeRO-2 config; the 'auto' values are filled by the trainer from its own arguments."""
+    return {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "train_batch_size": "auto",
+        "gradient_clipping": "auto",
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "zero_optimization": {"stage": 2, "overlap_comm": False, "contiguous_gradients": True,
+                              "reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the resolved settings and architecture as JSON, or with `get NAME...` the named values
+    one per line (for trainer.sh); exit 2 on bad settings."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        s = load_settings()
+    except SettingsError as e:
+        print("Bad settings:\n  " + "\n  ".join(e.problems), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if argv[:1] == ["get"]:
+        values = s.redacted()
+        print("\n".join(str(values[name.upper()]) for name in argv[1:]))
+        return 0
+    arch = architecture(s)
+    print(json.dumps({"settings": s.redacted(), "architecture": arch, "parameters": count_parameters(arch)}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

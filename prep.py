@@ -1,0 +1,398 @@
+"""Stage 1: everything a training run needs, on disk, before the trainer starts.
+
+    python3 prep.py
+
+Plans the run from the record (util.plan_run), then: the tokenizer (trained on the first run, else
+the published one), the current shard read and validated, tokenized and packed (pretraining) or
+rendered with the chat template with loss on assistant tokens only (instruct), a held-out
+validation split, and the model (fresh weights, or the previous run's output). Everything goes to
+WORK_DIR/prepared, written beside and renamed into place, so a killed prep leaves no half state.
+Bad input exits 2 before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+import uuid
+from pathlib import Path
+from dataclasses import asdict
+from typing import Any, Iterable
+
+from config import EXIT_BAD_INPUT, BadInput, Settings, architecture, count_parameters, load_settings, local_path
+from util import RunPlan, plan_run
+
+BOS, EOS, PAD, UNK = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>", "<|unk|>"
+ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
+END_OF_TURN = "<|end|>"
+SPECIAL_TOKENS = [PAD, BOS, EOS, UNK, *ROLE_TOKENS.values(), END_OF_TURN]
+
+# Turns end with <|end|>, except the assistant's, which ends with EOS: generation stops there by
+# itself. The {% generation %} block marks the tokens that carry the instruct loss (the answer and
+# its EOS), which `apply_chat_template(return_assistant_tokens_mask=True)` reads back.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{{ '<|assistant|>\n' }}{% generation %}{{ message['content'] + '<|end_of_text|>' }}{% endgeneration %}{{ '\n' }}"
+    "{%- else -%}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|assistant|>\n' }}{%- endif -%}"
+)
+# The seed format of instruct rows: <|user|>…<|end|><|bot|>…<|end|> (bot = assistant).
+SEED_TURN = re.compile(r"<\|(system|user|bot|assistant)\|>(.*?)<\|end\|>", re.S)
+
+
+def log(msg: str) -> None:
+    print(f"[prep] {msg}", flush=True)
+
+
+# --- data ------------------------------------------------------------------------------------------
+
+
+def load_rows(spec: str, var: str, split: str, token: str | None = None):
+    """Load a dataset the same way whether `spec` is a Hub id, a local directory or a file."""
+    import datasets
+
+    p = Path(spec).expanduser()
+    builders = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
+    try:
+        if p.is_file():
+            builder = builders.get(p.suffix.lower())
+            if builder is None:
+                raise BadInput([f"{var}={spec!r}: unsupported file type {p.suffix!r}. Fix: use .jsonl, .json, .parquet, .csv or .txt."])
+            if p.stat().st_size == 0:
+                raise BadInput([f"{var}={spec!r}: the file is empty. Fix: point {var} at a file with rows."])
+            kw = {"sample_by": "paragraph"} if builder == "text" else {}
+            ds = datasets.load_dataset(builder, data_files=str(p), split="train", **kw)
+        elif p.is_dir():
+            ds = datasets.load_dataset(str(p), split=split)
+        elif spec.startswith(("/", "./", "../", "~")) or spec.endswith(tuple(builders)):
+            raise BadInput([f"{var}={spec!r}: no such file or directory. Fix: check the path (relative paths start in the project directory)."])
+        else:
+            ds = datasets.load_dataset(spec, split=split, token=token)
+    except BadInput:
+        raise
+    except Exception as e:  # noqa: BLE001 - datasets raises many types for unreadable input; all are bad input here
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BadInput([f"{var}={spec!r}: cannot be read as a dataset ({type(e).__name__}: {first[:300]}). "
+                        f"Fix: a Hub dataset id, a directory of data files, or a valid .jsonl/.parquet/.txt file."]) from None
+    if len(ds) == 0:
+        raise BadInput([f"{var}={spec!r}: the dataset has no rows. Fix: point {var} at data with rows."])
+    return ds
+
+
+def shard_bounds(n_rows: int, shard: int, shard_size: int, var: str) -> tuple[int, int, int]:
+    """(start, end, shards_total) of `shard`; an index past the end is bad input."""
+    total = math.ceil(n_rows / shard_size)
+    if shard >= total:
+        raise BadInput([f"INIT={shard}: {var} has {n_rows} rows, so only {total} shard(s) of SHARD_SIZE={shard_size} "
+                        f"(INIT 0..{total - 1}). Fix: a smaller INIT, or unset INIT to follow the record."])
+    return shard * shard_size, min(n_rows, (shard + 1) * shard_size), total
+
+
+def pretrain_texts(ds, column: str, var: str) -> list[str]:
+    if column not in ds.column_names:
+        raise BadInput([f"{var}: no column {column!r} (columns: {', '.join(ds.column_names)}). "
+                        f"Fix: set TEXT_COLUMN to the column holding the text."])
+    texts = ds[column]
+    bad = [i for i, t in enumerate(texts) if t is not None and not isinstance(t, str)]
+    if bad:
+        raise BadInput([f"{var}: column {column!r} holds non-text values (row {bad[0]}: {type(texts[bad[0]]).__name__}). "
+                        "Fix: a column of strings."])
+    return [t for t in texts if t and t.strip()]
+
+
+def to_messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
+    """A chat row as HF messages: from `messages` (role/content list) or the seed's tagged `text`."""
+    if "messages" in row and row["messages"] is not None:
+        msgs = row["messages"]
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) for m in msgs):
+            raise BadInput([f"{where}: 'messages' must be a list of {{role, content}} objects, got {type(msgs).__name__}."])
+        out = []
+        for j, m in enumerate(msgs):
+            role, content = m.get("role"), m.get("content")
+            if role not in ROLE_TOKENS:
+                raise BadInput([f"{where}: message {j} has role {role!r}; accepted roles: system, user, assistant."])
+            if not isinstance(content, str):
+                raise BadInput([f"{where}: message {j} has no text 'content'."])
+            out.append({"role": role, "content": content})
+    elif isinstance(row.get("text"), str):
+        out = [{"role": "assistant" if r == "bot" else r, "content": c.strip()} for r, c in SEED_TURN.findall(row["text"])]
+        if not out:
+            raise BadInput([f"{where}: 'text' has no <|user|>…<|end|><|bot|>…<|end|> turns."])
+    else:
+        raise BadInput([f"{where}: neither a 'messages' list nor a tagged 'text' field."])
+    if not any(m["role"] == "assistant" for m in out):
+        raise BadInput([f"{where}: no assistant turn, nothing to learn from."])
+    return out
+
+
+# --- tokenizer -------------------------------------------------------------------------------------
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, max_length: int):
+    """Byte-level BPE with the special tokens and the chat template, wrapped as a fast HF tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
+                                 additional_special_tokens=[*ROLE_TOKENS.values(), END_OF_TURN],
+                                 model_max_length=max_length, padding_side="right")
+    hf.chat_template = CHAT_TEMPLATE
+    return hf
+
+
+def sample_for_tokenizer(ds, column: str, cap_bytes: int) -> list[str]:
+    """The first rows of the corpus up to `cap_bytes` of text (the tokenizer needs a sample, not everything)."""
+    out, total = [], 0
+    for start in range(0, len(ds), 10_000):
+        for t in ds[start:start + 10_000][column]:
+            if isinstance(t, str) and t:
+                out.append(t)
+                total += len(t.encode())
+                if total >= cap_bytes:
+                    return out
+    return out
+
+
+# --- tokenize + pack ---------------------------------------------------------------------------------
+
+
+def pack(token_lists: Iterable[list[int]], eos_id: int, block: int) -> list[list[int]]:
+    """Concatenate documents, each followed by EOS, and cut into blocks of `block` tokens (the last may be shorter).
+
+    No padding and no token lost or repeated: sum(len(b)) == sum(len(d) + 1 for d in docs).
+    """
+    import numpy as np
+
+    pieces = []
+    for ids in token_lists:
+        pieces.append(np.asarray(ids, dtype=np.int32))
+        pieces.append(np.asarray([eos_id], dtype=np.int32))
+    if not pieces:
+        return []
+    flat = np.concatenate(pieces)
+    return [flat[i:i + block] for i in range(0, len(flat), block)]
+
+
+def tokenize_texts(tok, texts: list[str], batch: int = 2000) -> list[list[int]]:
+    """Batched encoding through the Rust tokenizer (parallel across cores), with a progress bar."""
+    from tqdm import tqdm
+
+    out: list[list[int]] = []
+    for i in tqdm(range(0, len(texts), batch), desc="[prep] tokenize", unit="batch", disable=len(texts) <= batch):
+        out.extend(e.ids for e in tok._tokenizer.encode_batch_fast(texts[i:i + batch], add_special_tokens=False))
+    return out
+
+
+def tokenize_chats(tok, chats: list[list[dict[str, str]]], max_length: int) -> tuple[list[list[int]], list[list[int]], int]:
+    """input_ids and labels (-100 outside assistant answers) per chat; chats with no answer left after
+    truncation to `max_length` are dropped and counted."""
+    from tqdm import tqdm
+
+    ids_out, labels_out, dropped = [], [], 0
+    for msgs in tqdm(chats, desc="[prep] render chats", unit="chat", disable=len(chats) < 500, mininterval=2):
+        enc = tok.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        ids, mask = enc["input_ids"][:max_length], enc["assistant_masks"][:max_length]
+        labels = [t if m else -100 for t, m in zip(ids, mask)]
+        if all(l == -100 for l in labels):
+            dropped += 1
+            continue
+        ids_out.append(ids)
+        labels_out.append(labels)
+    return ids_out, labels_out, dropped
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """A seeded held-out split: at least one validation and one training row."""
+    import random
+
+    if n < 2:
+        raise BadInput([f"SHARD_SIZE: the shard yields only {n} training sequence(s); a validation split needs at least 2. "
+                        "Fix: a larger SHARD_SIZE or a smaller MAX_LENGTH."])
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    n_val = min(n - 1, max(1, round(n * val_fraction)))
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+def to_dataset(rows: list, labels: list | None = None):
+    """A datasets.Dataset built straight from arrays (no Python-object round trip per token)."""
+    import numpy as np
+    import pyarrow as pa
+    from datasets import Dataset
+    from datasets.table import InMemoryTable
+
+    def column(seqs):
+        lengths = np.fromiter((len(r) for r in seqs), dtype=np.int64, count=len(seqs))
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        flat = np.concatenate([np.asarray(r, dtype=np.int32) for r in seqs]) if seqs else np.zeros(0, np.int32)
+        return pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat))
+
+    cols = {"input_ids": column(rows)}
+    if labels is not None:
+        cols["labels"] = column(labels)
+    return Dataset(InMemoryTable(pa.table(cols)))
+
+
+# --- model ------------------------------------------------------------------------------------------
+
+
+def build_model(s: Settings, tok, out: Path) -> dict[str, Any]:
+    """Fresh Llama weights (seeded) saved to `out`; returns the architecture."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    arch = architecture(s)
+    if arch["vocab_size"] != len(tok):
+        arch["vocab_size"] = len(tok)  # a small corpus can stop BPE short of VOCAB_SIZE
+    cfg = LlamaConfig(**arch, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(s.seed)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(out, safe_serialization=True)
+    return arch
+
+
+def link_model(source: str, out: Path) -> dict[str, Any]:
+    """The published model of `source` linked (or copied) into `out`; returns its architecture."""
+    src = local_path(source)
+    out.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.is_file() and (f.suffix in {".safetensors", ".json"} and f.name != "training_state.json"):
+            try:
+                os.link(f, out / f.name)
+            except OSError:
+                shutil.copy2(f, out / f.name)
+    cfg = json.loads((out / "config.json").read_text())
+    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+            "intermediate_size", "vocab_size", "tie_word_embeddings", "max_position_embeddings", "rope_theta")
+    return {k: cfg.get(k) for k in keys}
+
+
+# --- the stage ---------------------------------------------------------------------------------------
+
+
+def prepare(s: Settings, plan: RunPlan) -> dict[str, Any]:
+    """Write WORK_DIR/prepared for `plan`; returns the manifest."""
+    from transformers import AutoTokenizer
+
+    token = s.hf_token.get_secret_value() if s.hf_token else None
+    work = Path(s.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    var, spec = ("INSTRUCT_DATASET", s.instruct_dataset) if plan.inst else ("INPUT_DATASET", s.input_dataset)
+
+    t0 = time.perf_counter()
+    ds = load_rows(spec, var, s.dataset_split, token)
+    start, end, total = shard_bounds(len(ds), plan.shard, s.shard_size, var)
+    shard = ds.select(range(start, end))
+    log(f"{var}={spec}: {len(ds)} rows; shard {plan.shard} = rows {start}..{end - 1} ({total} shard(s))")
+
+    # Validate the whole shard before tokenizing anything.
+    if plan.inst:
+        chats = [to_messages(row, f"{var} row {start + i}") for i, row in enumerate(shard)]
+    else:
+        texts = pretrain_texts(shard, s.text_column, var)
+        if not texts:
+            raise BadInput([f"{var}: shard {plan.shard} has no non-empty {s.text_column!r} values. Fix: check the data."])
+
+    staged = work / f"prepared.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        staged.mkdir(parents=True)
+        if plan.source is None:
+            log(f"training a byte-level BPE tokenizer (vocab {s.vocab_size}) on up to {s.tokenizer_sample_mb:g} MB of {var}")
+            sample = sample_for_tokenizer(ds, s.text_column, int(s.tokenizer_sample_mb * 1e6))
+            tok = train_tokenizer(sample, s.vocab_size, s.max_length)
+        else:
+            tok = AutoTokenizer.from_pretrained(local_path(plan.source))
+            log(f"tokenizer: the published one from {plan.source} ({len(tok)} tokens)")
+        tok.save_pretrained(staged / "tokenizer")
+
+        t1 = time.perf_counter()
+        if plan.inst:
+            ids, labels, dropped = tokenize_chats(tok, chats, s.max_length)
+            if dropped:
+                log(f"dropped {dropped} chat(s) whose answer starts beyond MAX_LENGTH={s.max_length}")
+            seqs, seq_labels = ids, labels
+            n_docs = len(chats)
+            raw_bytes = sum(len(m["content"].encode()) for c in chats for m in c)
+        else:
+            docs = tokenize_texts(tok, texts)
+            seqs, seq_labels = pack(docs, tok.eos_token_id, s.max_length), None
+            n_docs = len(texts)
+            raw_bytes = sum(len(t.encode()) for t in texts)
+        dt = time.perf_counter() - t1
+        tokens = sum(len(x) for x in seqs)
+        train_idx, val_idx = split_indices(len(seqs), s.val_fraction, s.seed + plan.shard)
+        for name, idx in (("train", train_idx), ("val", val_idx)):
+            to_dataset([seqs[i] for i in idx], [seq_labels[i] for i in idx] if seq_labels else None).save_to_disk(staged / name)
+        log(f"{n_docs} {'chats' if plan.inst else 'documents'} -> {tokens:,} tokens in {len(seqs)} sequences "
+            f"({len(train_idx)} train / {len(val_idx)} val), {raw_bytes / 1e6 / max(dt, 1e-9):.1f} MB/s")
+
+        if plan.source is None:
+            arch = build_model(s, tok, staged / "model")
+            log(f"model: fresh Llama, {count_parameters(arch):,} parameters "
+                f"(d={arch['hidden_size']}, layers={arch['num_hidden_layers']}, heads={arch['num_attention_heads']}/{arch['num_key_value_heads']} kv, "
+                f"mlp={arch['intermediate_size']}, vocab={arch['vocab_size']})")
+        else:
+            arch = link_model(plan.source, staged / "model")
+            if arch["vocab_size"] != len(tok):
+                raise BadInput([f"{plan.source}: the model's vocabulary ({arch['vocab_size']}) differs from its tokenizer's "
+                                f"({len(tok)}). Fix: publish the model and tokenizer together."])
+            log(f"model: continuing from {plan.source} ({count_parameters(arch):,} parameters)")
+
+        manifest = {
+            "run_id": uuid.uuid4().hex,
+            "plan": asdict(plan),
+            "dataset": spec, "rows": end - start, "documents": n_docs, "shards_total": total,
+            "tokens": tokens, "sequences": len(seqs), "train_sequences": len(train_idx), "val_sequences": len(val_idx),
+            "raw_bytes": raw_bytes, "tokenize_seconds": dt,
+            "architecture": arch, "parameters": count_parameters(arch),
+            "prep_seconds": time.perf_counter() - t0,
+        }
+        (staged / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        final = work / "prepared"
+        if final.exists():
+            shutil.rmtree(final)
+        staged.rename(final)
+        return manifest
+    finally:
+        if staged.exists():
+            shutil.rmtree(staged)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import datasets
+    import transformers
+
+    # Our own progress bars stay; the libraries' per-file ones only add noise to the run log.
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        s = load_settings()
+        plan = plan_run(s)
+        if plan.done:
+            log(plan.describe())
+            return 0
+        log(f"this run: {plan.describe()}")
+        prepare(s, plan)
+        return 0
+    except BadInput as e:
+        print("Bad input:\n  " + "\n  ".join(e.problems), file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
