@@ -327,7 +327,7 @@ def _describe(err: dict[str, Any]) -> str:
     value = err.get("input")
     shown = "***" if name == "HF_TOKEN" else repr(value)
     msg = err.get("msg", "invalid").removeprefix("Value error, ")
-    doc = f" ({field.description})" if field is not None and field.description else ""
+    doc = f" Accepted: {field.description}" if field is not None and field.description else ""
     return f"{name}={shown}: {msg}.{doc}"
 
 

@@ -51,22 +51,27 @@ def check_plan(s: Settings) -> Check:
 
 def check_data(s: Settings) -> Check:
     """The dataset of this run's stage: readable, non-empty, expected columns, first rows well formed."""
-    from prep import load_rows, pretrain_texts, to_messages
+    import datasets
+
+    from prep import load_rows, pretrain_texts, shard_bounds, to_messages
     from util import plan_run
+
+    datasets.disable_progress_bars()
 
     plan = plan_run(s)
     var, spec = ("INSTRUCT_DATASET", s.instruct_dataset) if plan.inst else ("INPUT_DATASET", s.input_dataset)
     if plan.done:
         return Check("data", True, "nothing to read: the pipeline is done")
     ds = load_rows(spec, var, s.dataset_split, s.hf_token.get_secret_value() if s.hf_token else None)
-    head = ds.select(range(min(50, len(ds))))
+    start, _, shards = shard_bounds(len(ds), plan.shard, s.shard_size, var)
+    head = ds.select(range(start, min(start + 50, len(ds))))
     if plan.inst:
         for i, row in enumerate(head):
-            to_messages(row, f"{var} row {i}")
+            to_messages(row, f"{var} row {start + i}")
     else:
         pretrain_texts(head, s.text_column, var)
-    shards = -(-len(ds) // s.shard_size)
-    return Check("data", True, f"{var}={spec}: {len(ds)} rows, {shards} shard(s) of {s.shard_size}; first rows well formed",
+    return Check("data", True, f"{var}={spec}: {len(ds)} rows, {shards} shard(s) of {s.shard_size}; "
+                 f"shard {plan.shard} starts well formed",
                  data={"rows": len(ds), "shards": shards})
 
 

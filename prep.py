@@ -109,8 +109,19 @@ def pretrain_texts(ds, column: str, var: str) -> list[str]:
     return [t for t in texts if t and t.strip()]
 
 
+CHAT_ROW_FIX = ("Fix: each row needs 'messages': [{\"role\": \"system\"|\"user\"|\"assistant\", \"content\": \"...\"}, ...] "
+                "with at least one assistant turn, or a 'text' of <|user|>...<|end|><|bot|>...<|end|> turns.")
+
+
 def to_messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
     """A chat row as HF messages: from `messages` (role/content list) or the seed's tagged `text`."""
+    try:
+        return _to_messages(row, where)
+    except BadInput as e:
+        raise BadInput([f"{p} {CHAT_ROW_FIX}" for p in e.problems]) from None
+
+
+def _to_messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
     if "messages" in row and row["messages"] is not None:
         msgs = row["messages"]
         if not isinstance(msgs, list) or not all(isinstance(m, dict) for m in msgs):

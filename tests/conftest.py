@@ -1,0 +1,88 @@
+"""Shared fixtures: an isolated environment per test (its own output, work dir and caches) and
+helpers that run the real entry points as a user would."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# Settings variables a developer may have exported; tests start from none of them.
+SETTINGS_VARS = {"INIT", "INST", "USE_QUANT", "BATCH_SIZE", "GRADIENT_ACCUMULATION_STEPS", "EPOCHS", "LEARNING_RATE",
+                 "WEIGHT_DECAY", "MAX_LENGTH", "VOCAB_SIZE", "SHARD_SIZE", "INPUT_DATASET", "INPUT_DS",
+                 "INSTRUCT_DATASET", "INST_DS", "INPUT_REPO", "OUTPUT_REPO", "STARTUP_DURATION_TIMEOUT",
+                 "TIMEOUT_BUFFER", "HF_TOKEN", "TARGET_PARAMETERS", "MODEL_SIZE", "FACTOR", "PRECISION", "MAX_STEPS",
+                 "MAX_RUNS", "SEED", "CONFIG_FILE", "WORK_DIR", "TIME_BUDGET", "NUM_PROCESSES", "TEXT_COLUMN",
+                 "VAL_FRACTION", "WARMUP_RATIO", "GRADIENT_CHECKPOINTING", "DATASET_SPLIT", "TOKENIZER_SAMPLE_MB"}
+
+
+def head_jsonl(src: Path, dst: Path, n: int) -> Path:
+    with src.open() as f, dst.open("w") as g:
+        for _, line in zip(range(n), f):
+            g.write(line)
+    return dst
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    return make_env(tmp_path)
+
+
+def make_env(tmp_path: Path) -> dict[str, str]:
+    """A clean environment for one pipeline: tiny data, short runs, everything under tmp_path."""
+    base = {k: v for k, v in os.environ.items() if k not in SETTINGS_VARS}
+    data = tmp_path / "data"
+    data.mkdir()
+    base.update({
+        "PATH": f"{Path(sys.executable).parent}:{base.get('PATH', '')}",
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_HUB_OFFLINE": "1",
+        "INPUT_DATASET": str(head_jsonl(ROOT / "data" / "pretrain.jsonl", data / "pretrain.jsonl", 400)),
+        "INSTRUCT_DATASET": str(head_jsonl(ROOT / "data" / "instruct.jsonl", data / "instruct.jsonl", 160)),
+        "SHARD_SIZE": "200",
+        "MAX_LENGTH": "64",
+        "BATCH_SIZE": "8",
+        "MAX_STEPS": "6",
+        "VAL_FRACTION": "0.1",
+        "OUTPUT_REPO": str(tmp_path / "out" / "llama"),
+        "WORK_DIR": str(tmp_path / "work"),
+        "PYTHONUNBUFFERED": "1",
+        "DS_ACCELERATOR": "cpu",
+    })
+    return base
+
+
+def run(args: list[str], env: dict[str, str], timeout: int = 600, check: bool = False) -> subprocess.CompletedProcess:
+    p = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{args} exited {p.returncode}\n--- stdout\n{p.stdout[-4000:]}\n--- stderr\n{p.stderr[-4000:]}")
+    return p
+
+
+def py(script: str, *args: str) -> list[str]:
+    return [sys.executable, str(ROOT / script), *args]
+
+
+def tree_digest(root: Path) -> str:
+    """Hash of every file's path and bytes under root ('' when it does not exist)."""
+    if not root.exists():
+        return ""
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(root)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def record(target: str | Path) -> dict | None:
+    p = Path(target) / "training_state.json"
+    return json.loads(p.read_text()) if p.exists() else None

@@ -1,0 +1,148 @@
+"""End to end: ./trainer.sh on the tiny default, from an empty output to a published chat model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, make_env, record, run, tree_digest
+
+pytestmark = pytest.mark.slow
+TOKEN = "hf_e2eFakeTokenValue0123456789"
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory):
+    """One full pipeline run to done (2 pretrain shards + 1 instruct shard), shared by the tests below."""
+    tmp = tmp_path_factory.mktemp("pipeline")
+    env = make_env(tmp)
+    env["HF_TOKEN"] = TOKEN  # set but unused (local output): must still never be written anywhere
+    p = run(["./trainer.sh"], env, timeout=900)
+    assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-6000:]
+    return env, p
+
+
+def test_runs_to_done_with_state_and_history(done):
+    env, p = done
+    pre, it = record(env["OUTPUT_REPO"]), record(env["OUTPUT_REPO"] + "-it")
+    assert [(h["stage"], h["shard"]) for h in pre["history"]] == [("pretrain", 0), ("pretrain", 1)]
+    assert pre["next"] == {"inst": True, "init": 0}
+    assert it["done"] and it["next"] is None
+    assert [(h["stage"], h["shard"]) for h in it["history"]] == [("pretrain", 0), ("pretrain", 1), ("instruct", 0)]
+    for h in it["history"]:
+        assert h["eval_loss"] < h["eval_loss_before"]  # every run learned something on held-out data
+        assert h["steps"] == 6 and h["tokens"] > 0
+    assert "=== done ===" in p.stdout and "pipeline is done" in p.stdout
+
+
+def test_published_models_load_and_chat(done):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    env, _ = done
+    for target in (env["OUTPUT_REPO"], env["OUTPUT_REPO"] + "-it"):
+        files = {f.name for f in Path(target).iterdir()}
+        assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "README.md",
+                "training_state.json", "runs"} <= files
+        cfg = json.loads((Path(target) / "config.json").read_text())
+        assert "quantization_config" not in cfg and cfg["dtype"] == "bfloat16"
+        model = AutoModelForCausalLM.from_pretrained(target)
+        tok = AutoTokenizer.from_pretrained(target)
+        assert model.config.vocab_size == len(tok)
+        assert list((Path(target) / "runs").rglob("events.out.tfevents*")), "TensorBoard traces missing"
+    chat = pipeline("text-generation", model=env["OUTPUT_REPO"] + "-it")
+    out = chat([{"role": "user", "content": "What does a baker do?"}], max_new_tokens=12, do_sample=False)
+    reply = out[0]["generated_text"][-1]
+    assert reply["role"] == "assistant" and isinstance(reply["content"], str)
+    # A few steps of training teach little, so assert that tokens were generated, not what they say.
+    enc = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)
+    gen = model.generate(**enc, max_new_tokens=5, do_sample=False)
+    assert gen.shape[1] > enc["input_ids"].shape[1]
+    card = (Path(env["OUTPUT_REPO"] + "-it") / "README.md").read_text()
+    assert "validation" in card.lower() and "from_pretrained" in card or "pipeline(" in card
+
+
+def test_token_is_written_nowhere(done):
+    env, p = done
+    assert TOKEN not in p.stdout and TOKEN not in p.stderr
+    for root in (env["OUTPUT_REPO"], env["OUTPUT_REPO"] + "-it", env["WORK_DIR"]):
+        for f in Path(root).rglob("*"):
+            if f.is_file():
+                assert TOKEN.encode() not in f.read_bytes(), f
+
+
+def test_running_again_after_done_changes_nothing(done):
+    env, _ = done
+    before = [tree_digest(Path(t)) for t in (env["OUTPUT_REPO"], env["OUTPUT_REPO"] + "-it")]
+    p = run(["./trainer.sh"], env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "pipeline is done" in p.stdout and "=== prep ===" not in p.stdout
+    assert [tree_digest(Path(t)) for t in (env["OUTPUT_REPO"], env["OUTPUT_REPO"] + "-it")] == before
+
+
+def _start(env):
+    return subprocess.Popen(["./trainer.sh"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def _wait_for(proc, needle: str, timeout: float = 300) -> str:
+    seen, end = [], time.monotonic() + timeout
+    while time.monotonic() < end:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        seen.append(line)
+        if needle in line:
+            return "".join(seen)
+    raise AssertionError(f"never saw {needle!r}:\n{''.join(seen)[-4000:]}")
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_a_run_killed_mid_training_leaves_the_published_state_intact(env, how):
+    env["MAX_RUNS"] = "1"
+    p = run(["./trainer.sh"], env, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    out = Path(env["OUTPUT_REPO"])
+    before, state_before = tree_digest(out), record(out)
+    assert state_before["next"] == {"inst": False, "init": 1}
+
+    env_long = {**env, "MAX_STEPS": "100000", "SHARD_SIZE": "200"}
+    proc = _start(env_long)
+    _wait_for(proc, "validation loss before training")
+    time.sleep(2)  # well inside the training loop
+    if how == "SIGKILL":
+        os.killpg(proc.pid, signal.SIGKILL)  # preemption: every process at once, no cleanup
+    else:
+        proc.send_signal(signal.SIGTERM)     # to trainer.sh only: it must pass it on
+    try:
+        rc = proc.wait(timeout=60)
+    finally:
+        proc.stdout.close()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert rc != 0
+    assert tree_digest(out) == before and record(out) == state_before
+    assert not Path(env["OUTPUT_REPO"] + "-it").exists()
+
+    # The next run trains the same shard and publishes it.
+    p = run(["./trainer.sh"], env, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert record(out)["next"] == {"inst": True, "init": 0}
+
+
+def test_two_cpu_ranks_train_and_publish_once(env):
+    env.update({"NUM_PROCESSES": "2", "MAX_RUNS": "1"})
+    p = run(["./trainer.sh"], env, timeout=600)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    assert p.stdout.count("published:") == 1
+    rec = record(env["OUTPUT_REPO"])
+    assert len(rec["history"]) == 1 and rec["history"][0]["world_size"] == 2
+    assert rec["next"] == {"inst": False, "init": 1}

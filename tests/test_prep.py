@@ -1,0 +1,165 @@
+"""prep.py: tokenizer, both instruct formats, packing, shards, and bad input (exit 2, nothing written)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, py, run, tree_digest
+from config import BadInput
+from prep import (CHAT_TEMPLATE, EOS, pack, shard_bounds, split_indices, to_messages, tokenize_chats, train_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    texts = [json.loads(line)["text"] for line in (ROOT / "data" / "pretrain.jsonl").open()][:300]
+    return train_tokenizer(texts, vocab_size=800, max_length=128)
+
+
+def test_tokenizer_is_byte_level_with_specials_and_template(tok):
+    assert tok.eos_token == EOS and tok.pad_token_id != tok.eos_token_id
+    text = "Zoë ate 12 plums 🍑 — ünïcode!"
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text  # bytes never lost
+    assert tok.chat_template == CHAT_TEMPLATE
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    assert prompt == "<|user|>\nHi<|end|>\n<|assistant|>\n"
+
+
+def test_instruct_loss_only_on_answers_ending_with_eos(tok):
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 plus 2?"},
+            {"role": "assistant", "content": "2 plus 2 equals 4."}, {"role": "user", "content": "Thanks"},
+            {"role": "assistant", "content": "You are welcome!"}]
+    ids, labels, dropped = tokenize_chats(tok, [chat], max_length=128)
+    assert dropped == 0
+    learned = [t for t in labels[0] if t != -100]
+    assert tok.decode(learned) == f"2 plus 2 equals 4.{EOS}You are welcome!{EOS}"
+
+
+def test_both_instruct_formats_give_the_same_messages():
+    msgs = to_messages({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}, "r")
+    seed = to_messages({"text": "<|user|>Hi<|end|><|bot|>Hello<|end|>"}, "r")
+    assert msgs == seed == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+
+
+@pytest.mark.parametrize("row, needle", [
+    ({"messages": [{"role": "wizard", "content": "x"}, {"role": "assistant", "content": "y"}]}, "role 'wizard'"),
+    ({"messages": "not a list"}, "must be a list"),
+    ({"messages": [{"role": "user"}, {"role": "assistant", "content": "y"}]}, "no text 'content'"),
+    ({"messages": [{"role": "user", "content": "only a question"}]}, "no assistant turn"),
+    ({"text": "no tags here"}, "no <|user|>"),
+    ({"other": 1}, "neither"),
+])
+def test_malformed_instruct_rows(row, needle):
+    with pytest.raises(BadInput, match=None) as e:
+        to_messages(row, "INSTRUCT_DATASET row 7")
+    assert needle in str(e.value) and "row 7" in str(e.value)
+
+
+def test_packing_loses_and_duplicates_nothing():
+    rng = random.Random(0)
+    docs = [[rng.randrange(1, 500) for _ in range(rng.randrange(0, 300))] for _ in range(200)]
+    blocks = pack(docs, eos_id=0, block=64)
+    flat = [int(t) for b in blocks for t in b]
+    expected = [t for d in docs for t in (*d, 0)]
+    assert flat == expected                       # same tokens, same order, each once
+    assert all(len(b) == 64 for b in blocks[:-1]) and 0 < len(blocks[-1]) <= 64   # no padding
+
+
+def test_shards_and_split():
+    assert shard_bounds(1000, 0, 300, "X") == (0, 300, 4)
+    assert shard_bounds(1000, 3, 300, "X") == (900, 1000, 4)
+    with pytest.raises(BadInput, match="INIT=4"):
+        shard_bounds(1000, 4, 300, "X")
+    train, val = split_indices(100, 0.1, seed=1)
+    assert len(val) == 10 and not set(train) & set(val) and len(train) + len(val) == 100
+    assert split_indices(100, 0.1, seed=1) == (train, val)
+
+
+def _prep(env):
+    return run(py("prep.py"), env, timeout=300)
+
+
+def test_prep_writes_artifacts_and_later_runs_reuse_the_tokenizer(env, tmp_path):
+    p = _prep(env)
+    assert p.returncode == 0, p.stderr
+    prepared = Path(env["WORK_DIR"]) / "prepared"
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    assert manifest["plan"]["stage"] == "pretrain" and manifest["shards_total"] == 2
+    assert {"tokenizer", "model", "train", "val"} <= {c.name for c in prepared.iterdir()}
+    # Publish the prepared tokenizer as if run 0 had finished; run 1 must load it, not retrain.
+    out = Path(env["OUTPUT_REPO"])
+    out.mkdir(parents=True)
+    for f in (prepared / "tokenizer").iterdir():
+        (out / f.name).write_bytes(f.read_bytes())
+    for f in (prepared / "model").iterdir():
+        (out / f.name).write_bytes(f.read_bytes())
+    env["INIT"] = "1"
+    p = _prep(env)
+    assert p.returncode == 0, p.stderr
+    assert "tokenizer: the published one" in p.stdout
+    assert (prepared / "tokenizer" / "tokenizer.json").read_bytes() == (out / "tokenizer.json").read_bytes()
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    assert manifest["plan"]["shard"] == 1 and manifest["rows"] == 200
+
+
+def _write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+BAD_INPUTS = {
+    "missing dataset": (lambda d: {"INPUT_DATASET": str(d / "nope.jsonl")}, "no such file"),
+    "missing hub-style dataset dir": (lambda d: {"INPUT_DATASET": "./does/not/exist"}, "no such file"),
+    "no text column": (lambda d: {"INPUT_DATASET": _write(d / "c.jsonl", '{"body": "x"}\n')}, "no column 'text'"),
+    "empty file": (lambda d: {"INPUT_DATASET": _write(d / "e.jsonl", "")}, "empty"),
+    "unparseable file": (lambda d: {"INPUT_DATASET": _write(d / "u.jsonl", "{not json\n")}, "cannot be read"),
+    "unknown role": (lambda d: {"INST": "true", "INIT": "0", "INPUT_REPO": str(d / "pre"),
+                                "INSTRUCT_DATASET": _write(d / "r.jsonl", json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n")},
+                     "role 'robot'"),
+    "malformed messages": (lambda d: {"INST": "true", "INIT": "0", "INPUT_REPO": str(d / "pre"),
+                                      "INSTRUCT_DATASET": _write(d / "m.jsonl", json.dumps({"messages": 5}) + "\n")},
+                           "must be a list"),
+    "INIT>0 without a previous model": (lambda d: {"INIT": "1"}, "no published model"),
+    "INIT past the last shard": (lambda d: {"INIT": "0", "SHARD_SIZE": "1000000", "MAX_LENGTH": "64"}, None),
+    "Hub OUTPUT_REPO without HF_TOKEN": (lambda d: {"OUTPUT_REPO": "someone/llama"}, "HF_TOKEN"),
+    "bad variable": (lambda d: {"LEARNING_RATE": "fast"}, "LEARNING_RATE='fast'"),
+}
+
+
+def _fake_published_model(dst: Path) -> None:
+    """A minimal published model directory (config + weights) for stages that continue from one."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from prep import train_tokenizer as tt
+
+    tok = tt(["hello world"] * 10, 300, 64)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                 num_attention_heads=1, num_key_value_heads=1)).save_pretrained(dst)
+    tok.save_pretrained(dst)
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_exits_2_naming_it_and_writes_nothing(env, tmp_path, case):
+    make, needle = BAD_INPUTS[case]
+    if case == "INIT past the last shard":
+        env["INIT"] = "5"
+        env["SHARD_SIZE"] = "200"
+        _fake_published_model(Path(env["OUTPUT_REPO"]))
+        needle = "INIT=5"
+    else:
+        env.update(make(tmp_path))
+    if "INPUT_REPO" in env:
+        _fake_published_model(Path(env["INPUT_REPO"]))
+    out_before = tree_digest(Path(env["OUTPUT_REPO"]))
+    for entry in ("preflight.py", "prep.py"):
+        p = run(py(entry), env, timeout=300)
+        assert p.returncode == 2, (entry, p.stdout, p.stderr)
+        assert needle in p.stdout + p.stderr, (entry, p.stdout, p.stderr)
+        assert "Fix" in p.stdout + p.stderr or "fix" in (p.stdout + p.stderr).lower() or "accepted" in p.stderr.lower()
+    assert not (Path(env["WORK_DIR"]) / "prepared").exists()
+    assert tree_digest(Path(env["OUTPUT_REPO"])) == out_before
+    assert not Path(env["OUTPUT_REPO"] + "-it").exists()

@@ -1,0 +1,59 @@
+"""The image and the entry scripts: Dockerfile lint-clean, trainer.sh sound, the environment pinned and complete."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT, py, run
+
+
+def test_dockerfile_is_hadolint_clean():
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    p = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_dockerfile_runs_trainer_as_uid_1000_with_a_cuda_base():
+    text = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^FROM nvidia/cuda:\S+", text, re.M)
+    assert re.search(r"^USER 1000$", text, re.M)
+    assert 'CMD ["./trainer.sh"]' in text and "tini" in text
+    # The same pins as the local set-up.
+    assert "torch==2.13.0" in text and "deepspeed==0.19.8" in text and "-r requirements.txt" in text
+
+
+def test_trainer_sh_is_strict_bash():
+    text = (ROOT / "trainer.sh").read_text()
+    assert "set -euo pipefail" in text
+    assert subprocess.run(["bash", "-n", str(ROOT / "trainer.sh")]).returncode == 0
+
+
+def test_validate_setup_passes_here(env):
+    p = run(py("validate_setup.py", "--json"), env, timeout=120)
+    report = json.loads(p.stdout.strip().splitlines()[-1])
+    assert p.returncode == 0 and report["ok"], report
+    names = {c["name"] for c in report["checks"]}
+    assert {"torch", "transformers", "trl", "deepspeed", "bitsandbytes", "peft", "deepspeed launcher"} <= names
+
+
+def test_validate_setup_flags_a_wrong_pin(tmp_path, monkeypatch):
+    import validate_setup
+
+    monkeypatch.setattr(validate_setup, "EXTRA_PINS", {"torch": "0.0.1"})
+    bad = validate_setup.check_package("torch", "0.0.1")
+    assert not bad["ok"] and "pinned 0.0.1" in bad["finding"] and bad["fix"]
+    missing = validate_setup.check_package("surely-not-installed-pkg", "1.0")
+    assert not missing["ok"] and missing["finding"] == "not installed"
+
+
+def test_preflight_on_the_default_is_fast_and_green(env):
+    p = run(py("preflight.py", "--json"), env, timeout=60)
+    report = json.loads(p.stdout.strip().splitlines()[-1])
+    assert p.returncode == 0 and report["ok"], report
+    assert report["seconds"] <= 10
+    assert [c["section"] for c in report["checks"]] == ["settings", "run state", "data", "output", "hardware"]

@@ -1,0 +1,87 @@
+"""Run state: which run comes next, explicit overrides, done, and the atomic local publish."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from config import BadInput, load_settings
+from util import STATE_FILE, build_record, next_after, plan_run, recover_local, _swap_in
+
+
+def test_next_after_walks_shards_then_instruct_then_done():
+    assert next_after("pretrain", 0, 3) == {"inst": False, "init": 1}
+    assert next_after("pretrain", 2, 3) == {"inst": True, "init": 0}
+    assert next_after("instruct", 0, 2) == {"inst": True, "init": 1}
+    assert next_after("instruct", 1, 2) is None
+
+
+def publish_fake(target: Path, nxt, stage="pretrain", shard=0):
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "config.json").write_text("{}")
+    (target / "model.safetensors").write_bytes(b"x")
+    (target / STATE_FILE).write_text(json.dumps({"stage": stage, "shard": shard, "next": nxt, "history": []}))
+
+
+def settings(tmp_path, **env):
+    return load_settings({"OUTPUT_REPO": str(tmp_path / "m"), **env})
+
+
+def test_plan_follows_the_record(tmp_path):
+    s = settings(tmp_path)
+    p = plan_run(s)
+    assert (p.stage, p.shard, p.source, p.done) == ("pretrain", 0, None, False)
+    publish_fake(tmp_path / "m", {"inst": False, "init": 1})
+    p = plan_run(s)
+    assert (p.stage, p.shard, p.source) == ("pretrain", 1, str(tmp_path / "m"))
+    publish_fake(tmp_path / "m", {"inst": True, "init": 0}, shard=1)
+    p = plan_run(s)
+    assert (p.stage, p.shard, p.source, p.target) == ("instruct", 0, str(tmp_path / "m"), str(tmp_path / "m") + "-it")
+    publish_fake(tmp_path / "m-it", {"inst": True, "init": 1}, stage="instruct")
+    p = plan_run(s)
+    assert (p.stage, p.shard, p.source) == ("instruct", 1, str(tmp_path / "m") + "-it")
+    publish_fake(tmp_path / "m-it", None, stage="instruct", shard=1)
+    assert plan_run(s).done
+
+
+def test_explicit_variables_override_the_record(tmp_path):
+    publish_fake(tmp_path / "m", {"inst": True, "init": 0}, shard=1)
+    p = plan_run(settings(tmp_path, INIT="1", INST="false"))
+    assert (p.stage, p.shard) == ("pretrain", 1)
+    p = plan_run(settings(tmp_path, INPUT_REPO=str(tmp_path / "m"), INST="true", INIT="0"))
+    assert (p.stage, p.source) == ("instruct", str(tmp_path / "m"))
+
+
+def test_continuing_without_a_model_is_bad_input(tmp_path):
+    with pytest.raises(BadInput, match="no published model"):
+        plan_run(settings(tmp_path, INIT="2"))
+    with pytest.raises(BadInput, match="no published model"):
+        plan_run(settings(tmp_path, INST="true", INIT="0"))
+
+
+def test_record_accumulates_history(tmp_path):
+    s = settings(tmp_path)
+    manifest = {"shards_total": 2, "rows": 10, "architecture": {}, "parameters": 5}
+    from util import RunPlan
+
+    r1 = build_record(s, RunPlan("pretrain", 0, "t", None), manifest, {"steps": 3, "tokens": 100}, None)
+    assert r1["next"] == {"inst": False, "init": 1} and not r1["done"]
+    r2 = build_record(s, RunPlan("pretrain", 1, "t", "t"), manifest, {"steps": 4, "tokens": 50}, r1)
+    assert r2["next"] == {"inst": True, "init": 0} and r2["steps"] == 7 and r2["tokens"] == 150
+    assert len(r2["history"]) == 2
+
+
+def test_swap_is_atomic_and_recoverable(tmp_path):
+    root = tmp_path / "out"
+    publish_fake(root, {"inst": False, "init": 1})
+    staged = tmp_path / "out.tmp"
+    publish_fake(staged, {"inst": False, "init": 2})
+    _swap_in(staged, root)
+    assert json.loads((root / STATE_FILE).read_text())["next"]["init"] == 2
+    assert not (tmp_path / "out.old").exists() and not staged.exists()
+    # A publish killed between its two renames: the old output is put back on the next start.
+    root.rename(tmp_path / "out.old")
+    recover_local(root)
+    assert json.loads((root / STATE_FILE).read_text())["next"]["init"] == 2
