@@ -185,7 +185,7 @@ class Settings(BaseSettings):
                               description="Deprecated: hidden size (multiple of 64); use TARGET_PARAMETERS.")
 
     # --- training --------------------------------------------------------------------------------
-    use_quant: bool = _env("USE_QUANT", default=False, description="Train NF4 4-bit base weights with LoRA adapters.")
+    use_quant: bool = _env("USE_QUANT", default=False, description="4-bit NF4 base weights + LoRA adapters; not in this version (true is rejected).")
     batch_size: int = _env("BATCH_SIZE", default=16, ge=1, description="Sequences per device per step.")
     gradient_accumulation_steps: int = _env("GRADIENT_ACCUMULATION_STEPS", default=1, ge=1,
                                             description="Micro-batches per optimizer step.")
@@ -209,13 +209,13 @@ class Settings(BaseSettings):
     input_repo: str | None = _env("INPUT_REPO", default=None,
                                   description="Model the first instruct run starts from (default: OUTPUT_REPO).")
     hf_token: SecretStr | None = _env("HF_TOKEN", default=None, description="Hugging Face token (write access), needed for a Hub OUTPUT_REPO.")
-    work_dir: str = _env("WORK_DIR", default="./work", description="Scratch directory for prepared data and checkpoints.")
+    work_dir: str = _env("WORK_DIR", default="./work", description="Scratch directory: prepared data and the trained model before it is published.")
 
     # --- time --------------------------------------------------------------------------------------
     startup_duration_timeout: str = _env("STARTUP_DURATION_TIMEOUT", default="30m",
-                                         description="Run time limit (30m, 5h); a Space sets its own.")
+                                         description="Run time limit (30m, 5h, 1h30m; a bare number is minutes), as the Space's startup_duration_timeout.")
     timeout_buffer: float = _env("TIMEOUT_BUFFER", default=5.0, ge=0, description="Minutes kept free before the limit to save and publish.")
-    time_budget: str | None = _env("TIME_BUDGET", default=None, description="Explicit training time budget (overrides the two above).")
+    time_budget: str | None = _env("TIME_BUDGET", default=None, description="Training time budget (e.g. 45m); overrides STARTUP_DURATION_TIMEOUT - TIMEOUT_BUFFER.")
 
     config_file: str | None = _env("CONFIG_FILE", default=None, description="YAML or TOML file with any of these variables.")
 

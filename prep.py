@@ -25,6 +25,7 @@ from dataclasses import asdict
 from typing import Any, Iterable
 
 from config import EXIT_BAD_INPUT, BadInput, Settings, architecture, count_parameters, load_settings, local_path
+from quant_utils import checkpoint_format
 from util import RunPlan, plan_run
 
 BOS, EOS, PAD, UNK = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>", "<|unk|>"
@@ -287,6 +288,11 @@ def link_model(source: str, out: Path) -> dict[str, Any]:
                 os.link(f, out / f.name)
             except OSError:
                 shutil.copy2(f, out / f.name)
+    fmt = checkpoint_format(out)
+    if fmt["format"] != "float":
+        raise BadInput([f"{source}: the published model is {fmt['format']}-quantized; converting it is not available "
+                        "in this version. Fix: continue from a floating-point model."])
+    log(f"checkpoint: {fmt['tensors']} tensors, {fmt['dtype']}, {', '.join(fmt['files'])}")
     cfg = json.loads((out / "config.json").read_text())
     keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
             "intermediate_size", "vocab_size", "tie_word_embeddings", "max_position_embeddings", "rope_theta")

@@ -155,3 +155,15 @@ def test_presets_resolve():
     for name in MODEL_PRESETS:
         arch = architecture(load_settings({"MODEL_SIZE": name, "VOCAB_SIZE": "32000"}))
         assert arch["hidden_size"] % arch["num_attention_heads"] == 0
+
+
+def test_readme_documents_every_variable_with_its_default():
+    from conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    for name, f in Settings.model_fields.items():
+        var = str(f.validation_alias.choices[0])
+        row = next((line for line in readme.splitlines() if line.startswith(f"| `{var}`")), None)
+        assert row is not None, f"README has no row for {var}"
+        default = "—" if f.default is None else str(f.default).lower()
+        assert f"| `{default}` |" in row.lower() or (default == "—" and "| — |" in row), (var, row)
