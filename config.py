@@ -39,6 +39,10 @@ MODEL_PRESETS: dict[str, dict[str, int] | int] = {
 }
 
 
+# Every linear projection of a Llama block: the default LoRA targets.
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 class BadInput(ValueError):
     """Bad input (a variable, a dataset, a checkpoint): one line per problem, each naming the input,
     what is wrong and how to fix it. Entry points exit with EXIT_BAD_INPUT, having written nothing."""
@@ -185,7 +189,13 @@ class Settings(BaseSettings):
                               description="Deprecated: hidden size (multiple of 64); use TARGET_PARAMETERS.")
 
     # --- training --------------------------------------------------------------------------------
-    use_quant: bool = _env("USE_QUANT", default=False, description="4-bit NF4 base weights + LoRA adapters; not in this version (true is rejected).")
+    use_quant: bool = _env("USE_QUANT", default=False,
+                           description="Train LoRA adapters on 4-bit NF4 base weights (QLoRA); the published model is always merged plain bf16.")
+    lora_r: int = _env("LORA_R", default=16, ge=1, le=1024, description="LoRA rank (USE_QUANT=true).")
+    lora_alpha: float = _env("LORA_ALPHA", default=32.0, gt=0, description="LoRA scaling numerator: updates are scaled by LORA_ALPHA / LORA_R.")
+    lora_dropout: float = _env("LORA_DROPOUT", default=0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    lora_targets: str = _env("LORA_TARGETS", default=",".join(LORA_MODULES),
+                             description="Comma-separated projections that get adapters (default: every linear projection of attention and MLP).")
     batch_size: int = _env("BATCH_SIZE", default=16, ge=1, description="Sequences per device per step.")
     gradient_accumulation_steps: int = _env("GRADIENT_ACCUMULATION_STEPS", default=1, ge=1,
                                             description="Micro-batches per optimizer step.")
@@ -281,8 +291,10 @@ def _cross_checks(s: Settings) -> list[str]:
                             "Fix: set the secret HF_TOKEN to a token with write access, or use a local OUTPUT_REPO.")
     if s.input_repo is not None and not is_local_target(s.input_repo) and not HUB_ID.fullmatch(s.input_repo):
         problems.append(f"INPUT_REPO={s.input_repo!r}: neither a local path nor a Hub repo id (owner/name).")
-    if s.use_quant:
-        problems.append("USE_QUANT=true: 4-bit NF4 + LoRA training is not available in this version. Fix: USE_QUANT=false.")
+    unknown = [t for t in s.lora_targets.split(",") if t.strip() not in LORA_MODULES]
+    if unknown or not s.lora_targets.strip():
+        problems.append(f"LORA_TARGETS={s.lora_targets!r}: unknown projection(s) {', '.join(map(repr, unknown)) or '(none given)'}. "
+                        f"Accepted: a comma-separated subset of {','.join(LORA_MODULES)}.")
     return problems
 
 
@@ -440,6 +452,18 @@ def deepspeed_config(s: Settings, precision: str) -> dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+
+
+def bnb_config(compute: str) -> dict[str, Any]:
+    """BitsAndBytesConfig kwargs: NF4 with double quantization, computing in `compute` (bf16|fp16|fp32)."""
+    return {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+            "bnb_4bit_compute_dtype": {"bf16": "bfloat16", "fp16": "float16"}.get(compute, "float32")}
+
+
+def lora_config(s: Settings) -> dict[str, Any]:
+    """peft.LoraConfig kwargs from the settings."""
+    return {"r": s.lora_r, "lora_alpha": s.lora_alpha, "lora_dropout": s.lora_dropout, "bias": "none",
+            "target_modules": [t.strip() for t in s.lora_targets.split(",")], "task_type": "CAUSAL_LM"}
 
 
 def main(argv: list[str] | None = None) -> int:

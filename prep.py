@@ -24,8 +24,9 @@ from pathlib import Path
 from dataclasses import asdict
 from typing import Any, Iterable
 
-from config import EXIT_BAD_INPUT, BadInput, Settings, architecture, count_parameters, load_settings, local_path
-from quant_utils import checkpoint_format
+from config import (EXIT_BAD_INPUT, BadInput, Settings, architecture, count_parameters, load_settings, local_path,
+                    resolve_precision)
+from quant_utils import convert, verify_checkpoint
 from util import RunPlan, plan_run
 
 BOS, EOS, PAD, UNK = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>", "<|unk|>"
@@ -278,21 +279,25 @@ def build_model(s: Settings, tok, out: Path) -> dict[str, Any]:
     return arch
 
 
-def link_model(source: str, out: Path) -> dict[str, Any]:
-    """The published model of `source` linked (or copied) into `out`; returns its architecture."""
+def take_model(source: str, out: Path, want: str, compute: str, fmt: dict[str, Any]) -> dict[str, Any]:
+    """The published model of `source` in `out`, in the format this run trains (`want`: 'nf4' | 'float'):
+    linked when it already is, converted otherwise. Returns its architecture."""
     src = local_path(source)
-    out.mkdir(parents=True)
-    for f in src.iterdir():
-        if f.is_file() and (f.suffix in {".safetensors", ".json"} and f.name != "training_state.json"):
-            try:
-                os.link(f, out / f.name)
-            except OSError:
-                shutil.copy2(f, out / f.name)
-    fmt = checkpoint_format(out)
-    if fmt["format"] != "float":
-        raise BadInput([f"{source}: the published model is {fmt['format']}-quantized; converting it is not available "
-                        "in this version. Fix: continue from a floating-point model."])
-    log(f"checkpoint: {fmt['tensors']} tensors, {fmt['dtype']}, {', '.join(fmt['files'])}")
+    if fmt["format"] == want:
+        out.mkdir(parents=True)
+        for f in src.iterdir():
+            if f.is_file() and (f.suffix in {".safetensors", ".json"} and f.name != "training_state.json"):
+                try:
+                    os.link(f, out / f.name)
+                except OSError:
+                    shutil.copy2(f, out / f.name)
+        log(f"checkpoint: {fmt['format']} ({fmt['dtype']}), {fmt['tensors']} tensors, used as is")
+    else:
+        t = time.perf_counter()
+        convert(src, out, want, compute)
+        log(f"checkpoint: converted {fmt['format']} ({fmt['dtype']}) -> {want} "
+            f"{'(bitsandbytes NF4, double quantization)' if want == 'nf4' else f'({compute}, dequantized by bitsandbytes)'} "
+            f"in {time.perf_counter() - t:.1f} s")
     cfg = json.loads((out / "config.json").read_text())
     keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
             "intermediate_size", "vocab_size", "tie_word_embeddings", "max_position_embeddings", "rope_theta")
@@ -312,6 +317,15 @@ def prepare(s: Settings, plan: RunPlan) -> dict[str, Any]:
     var, spec = ("INSTRUCT_DATASET", s.instruct_dataset) if plan.inst else ("INPUT_DATASET", s.input_dataset)
 
     t0 = time.perf_counter()
+    # The checkpoint this run continues from is checked first (headers only): a broken one stops the
+    # run before any data is read.
+    source_format = verify_checkpoint(local_path(plan.source)) if plan.source is not None else None
+    # USE_QUANT trains LoRA on a frozen NF4 base; a first pretraining run has no base worth freezing.
+    train_format = "nf4" if s.use_quant and plan.source is not None else "float"
+    if s.use_quant and plan.source is None:
+        log("USE_QUANT=true on the first pretraining run: random weights frozen in 4-bit would teach nothing, "
+            "so this run trains every weight in full precision; later runs train NF4 + LoRA")
+    precision = resolve_precision(s)
     ds = load_rows(spec, var, s.dataset_split, token)
     start, end, total = shard_bounds(len(ds), plan.shard, s.shard_size, var)
     shard = ds.select(range(start, end))
@@ -364,7 +378,7 @@ def prepare(s: Settings, plan: RunPlan) -> dict[str, Any]:
                 f"(d={arch['hidden_size']}, layers={arch['num_hidden_layers']}, heads={arch['num_attention_heads']}/{arch['num_key_value_heads']} kv, "
                 f"mlp={arch['intermediate_size']}, vocab={arch['vocab_size']})")
         else:
-            arch = link_model(plan.source, staged / "model")
+            arch = take_model(plan.source, staged / "model", train_format, precision, source_format)
             if arch["vocab_size"] != len(tok):
                 raise BadInput([f"{plan.source}: the model's vocabulary ({arch['vocab_size']}) differs from its tokenizer's "
                                 f"({len(tok)}). Fix: publish the model and tokenizer together."])
@@ -377,6 +391,7 @@ def prepare(s: Settings, plan: RunPlan) -> dict[str, Any]:
             "tokens": tokens, "sequences": len(seqs), "train_sequences": len(train_idx), "val_sequences": len(val_idx),
             "raw_bytes": raw_bytes, "tokenize_seconds": dt,
             "architecture": arch, "parameters": count_parameters(arch),
+            "train_format": train_format, "source_format": source_format,
             "prep_seconds": time.perf_counter() - t0,
         }
         (staged / "manifest.json").write_text(json.dumps(manifest, indent=2))

@@ -1,21 +1,32 @@
-"""Checkpoint formats: what a published model's weights are, read from its config and safetensors
-headers without loading a tensor.
+"""Everything bitsandbytes / PEFT: checkpoint formats, NF4<->float conversion, LoRA, and the merge.
 
-(4-bit NF4 conversion, LoRA and merging build on this; they are not in this version.)
+- `checkpoint_format` / `verify_checkpoint` read config.json and the safetensors headers only (no
+  tensor is loaded): the format (NF4 or floating point, which dtype), and every missing, extra or
+  mis-shaped tensor, by name, as bad input.
+- `convert` writes a checkpoint in the format a run trains in: bf16/fp32 -> NF4 (bitsandbytes, double
+  quantization) or NF4 -> float (each 4-bit weight dequantized by bitsandbytes).
+- `add_lora` wraps a 4-bit model with LoRA adapters on the settings' target projections.
+- `merge_to_float` dequantizes the base to fp32, adds scale * B @ A there, and returns a plain float
+  model (no quantization_config, no adapter): the adapters are never merged into 4-bit weights,
+  which would round the sum back to 16 levels per block.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from config import BadInput
+from config import BadInput, Settings, bnb_config, lora_config
 
 # safetensors dtype names -> torch names
 _DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "U8": "uint8", "I8": "int8"}
+# Tensors bitsandbytes stores beside each 4-bit weight (its quantization state).
+_QUANT_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.bitsandbytes__nf4",
+                   ".quant_state.bitsandbytes__fp4")
 
 
 def read_safetensors_header(path: Path) -> dict[str, Any]:
@@ -42,21 +53,202 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
     return {"tensors": header, "metadata": meta}
 
 
-def checkpoint_format(model_dir: Path) -> dict[str, Any]:
-    """{'format': 'nf4' | 'float', 'dtype': most common weight dtype, 'tensors': count, 'files': [...]}."""
+def _headers(model_dir: Path) -> tuple[dict[str, Any], dict[str, dict]]:
     cfg_path = model_dir / "config.json"
     if not cfg_path.exists():
         raise BadInput([f"{model_dir}: no config.json, not a published model. Fix: point at a model directory."])
-    cfg = json.loads(cfg_path.read_text())
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise BadInput([f"{model_dir}: no .safetensors weights. Fix: publish the model again."])
-    dtypes: Counter[str] = Counter()
-    count = 0
+    tensors: dict[str, dict] = {}
     for f in files:
-        for t in read_safetensors_header(f)["tensors"].values():
-            dtypes[_DTYPES.get(t["dtype"], t["dtype"])] += 1
-            count += 1
+        for name, t in read_safetensors_header(f)["tensors"].items():
+            tensors[name] = {**t, "file": f.name}
+    return json.loads(cfg_path.read_text()), tensors
+
+
+def checkpoint_format(model_dir: Path) -> dict[str, Any]:
+    """{'format': 'nf4' | 'float', 'dtype': the floating dtype of its weights, 'tensors': count, 'files': [...]}."""
+    cfg, tensors = _headers(model_dir)
     quant = (cfg.get("quantization_config") or {}).get("bnb_4bit_quant_type")
-    return {"format": "nf4" if quant == "nf4" else "float", "dtype": dtypes.most_common(1)[0][0] if dtypes else None,
-            "tensors": count, "files": [f.name for f in files]}
+    floats = Counter(_DTYPES.get(t["dtype"], t["dtype"]) for n, t in tensors.items()
+                     if t["dtype"] in {"BF16", "F16", "F32", "F64"} and not n.endswith(_QUANT_SUFFIXES))
+    return {"format": "nf4" if quant == "nf4" else "float", "dtype": floats.most_common(1)[0][0] if floats else None,
+            "tensors": len(tensors), "files": sorted({t["file"] for t in tensors.values()})}
+
+
+def expected_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> shape of the model that config.json describes (built on the meta device)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    conf = AutoConfig.for_model(**{k: v for k, v in cfg.items() if k != "quantization_config"})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(conf)
+    shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+    if getattr(conf, "tie_word_embeddings", False):
+        shapes.pop("lm_head.weight", None)  # tied: stored once, as the embedding
+    return shapes
+
+
+def verify_checkpoint(model_dir: Path) -> dict[str, Any]:
+    """Every tensor the config's architecture needs is there with its shape, and nothing else.
+
+    For NF4 checkpoints a 4-bit weight is stored packed (two codes per byte) with its quantization
+    state beside it; its element count must match the float shape. Returns checkpoint_format().
+    """
+    cfg, tensors = _headers(model_dir)
+    want = expected_shapes(cfg)
+    nf4 = (cfg.get("quantization_config") or {}).get("bnb_4bit_quant_type") == "nf4"
+    stored = {n: t for n, t in tensors.items() if not n.endswith(_QUANT_SUFFIXES)}
+    missing = sorted(set(want) - set(stored))
+    extra = sorted(n for n in set(stored) - set(want) if not (n == "lm_head.weight" and cfg.get("tie_word_embeddings")))
+    wrong = []
+    for n in sorted(set(want) & set(stored)):
+        shape = tuple(stored[n]["shape"])
+        if nf4 and stored[n]["dtype"] == "U8":
+            numel = 1
+            for x in want[n]:
+                numel *= x
+            ok = shape[0] * (shape[1] if len(shape) > 1 else 1) * 2 == numel and f"{n}.absmax" in tensors
+        else:
+            ok = shape == want[n]
+        if not ok:
+            wrong.append(f"{n} {list(shape)} (expected {list(want[n])})")
+    problems = []
+    if missing:
+        problems.append(f"{model_dir}: missing tensor(s): {', '.join(missing[:10])}{' …' if len(missing) > 10 else ''}.")
+    if extra:
+        problems.append(f"{model_dir}: unexpected tensor(s): {', '.join(extra[:10])}{' …' if len(extra) > 10 else ''}.")
+    if wrong:
+        problems.append(f"{model_dir}: wrong shape: {'; '.join(wrong[:10])}.")
+    if problems:
+        raise BadInput([p + " Fix: publish a complete model of the architecture in its config.json." for p in problems])
+    return checkpoint_format(model_dir)
+
+
+def _load(model_dir: Path, **kw):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return AutoModelForCausalLM.from_pretrained(model_dir, device_map=device, **kw)
+
+
+def dequantized_weight(layer):
+    """The float weight of a bitsandbytes 4-bit linear, as its own forward would use it."""
+    import bitsandbytes as bnb
+
+    # On CPUs with AVX512-bf16, bitsandbytes repacks a 4-bit weight into its kernel's layout on the
+    # first inference forward; dequantize_4bit expects the standard layout, which saving restores.
+    if getattr(layer.weight.quant_state, "packing_format_for_cpu", False):
+        layer.state_dict()
+    return bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+
+
+def dequantize(model, dtype) -> None:
+    """Replace every bitsandbytes 4-bit linear of `model` by a plain nn.Linear holding its dequantized
+    weight in `dtype`; drop the quantization config."""
+    import bitsandbytes as bnb
+    import torch
+
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, bnb.nn.Linear4bit):
+                w = dequantized_weight(child).to(dtype)
+                lin = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                      device=w.device, dtype=dtype)
+                lin.weight = torch.nn.Parameter(w, requires_grad=False)
+                if child.bias is not None:
+                    lin.bias = torch.nn.Parameter(child.bias.data.to(dtype), requires_grad=False)
+                setattr(module, child_name, lin)
+    _drop_quantization(model)
+
+
+def _drop_quantization(model) -> None:
+    for attr in ("quantization_config",):
+        if hasattr(model.config, attr):
+            delattr(model.config, attr)
+    for attr in ("hf_quantizer", "quantization_method", "is_quantized", "is_loaded_in_4bit"):
+        if attr in model.__dict__:
+            delattr(model, attr)
+
+
+def convert(src: Path, dst: Path, to: str, compute: str) -> None:
+    """Write the checkpoint `src` to `dst` as `to` ('nf4' or 'float'; float is bf16 when computing in bf16)."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    dtype = torch.bfloat16 if compute == "bf16" else torch.float32
+    if to == "nf4":
+        model = _load(src, dtype=dtype, quantization_config=BitsAndBytesConfig(**bnb_config(compute)))
+    else:
+        model = _load(src)
+        dequantize(model, dtype)
+    model.save_pretrained(dst, safe_serialization=True)
+    for f in src.glob("*"):
+        if f.is_file() and f.suffix != ".safetensors" and f.name not in {"config.json", "model.safetensors.index.json"} \
+                and not (dst / f.name).exists():
+            shutil.copy2(f, dst / f.name)  # tokenizer and generation config travel with the weights
+
+
+def add_lora(model, s: Settings, gradient_checkpointing: bool):
+    """Freeze the 4-bit base and add trainable LoRA adapters (norms kept in fp32 by PEFT's k-bit prep)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    return get_peft_model(model, LoraConfig(**lora_config(s)))
+
+
+def merge_to_float(peft_model, dtype):
+    """A plain float copy of `peft_model`: base dequantized to fp32, each adapter's scale·B@A added in
+    fp32, then cast to `dtype`. Strict: every weight of the float model is assigned exactly once."""
+    import bitsandbytes as bnb
+    import torch
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForCausalLM
+
+    base = peft_model.get_base_model()
+    config = base.config.to_dict()
+    config.pop("quantization_config", None)
+    conf = type(base.config).from_dict(config)
+    conf.dtype = dtype
+    merged_state: dict[str, torch.Tensor] = {}
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLayer):
+            layer = module.get_base_layer()
+            w = layer.weight
+            if isinstance(layer, bnb.nn.Linear4bit):
+                w = dequantized_weight(layer)
+            w = w.detach().float().clone()
+            for adapter in module.active_adapters:
+                a, b = module.lora_A[adapter].weight.float(), module.lora_B[adapter].weight.float()
+                w += module.scaling[adapter] * (b @ a)
+            merged_state[f"{name}.weight"] = w.to(dtype)
+            if layer.bias is not None:
+                merged_state[f"{name}.bias"] = layer.bias.detach().to(dtype)
+    for name, p in base.state_dict().items():
+        clean = name.replace(".base_layer", "")
+        if "lora_" in name or clean in merged_state or any(name.endswith(s) for s in _QUANT_SUFFIXES):
+            continue
+        if p.dtype == torch.uint8:
+            raise RuntimeError(f"merge: {name} is still 4-bit and has no LoRA layer to dequantize it through")
+        merged_state[clean] = p.detach().to(dtype)
+    with torch.device("meta"):
+        out = AutoModelForCausalLM.from_config(conf)
+    out.load_state_dict(merged_state, strict=not conf.tie_word_embeddings, assign=True)
+    # Buffers outside the state dict (rotary inverse frequencies) are taken from the trained model.
+    for name, buf in base.named_buffers():
+        owner, _, attr = name.replace(".base_layer", "").rpartition(".")
+        mod = out.get_submodule(owner) if owner else out
+        if getattr(mod, attr, None) is not None and getattr(mod, attr).is_meta:
+            setattr(mod, attr, buf.detach().clone())
+    leftover = [n for n, b in out.named_buffers() if b.is_meta]
+    if leftover:
+        raise RuntimeError(f"merge: buffers without a value: {leftover[:5]}")
+    if conf.tie_word_embeddings:
+        out.tie_weights()
+        missing = set(out.state_dict()) - set(merged_state) - {"lm_head.weight"}
+        if missing:
+            raise RuntimeError(f"merge: no value for {sorted(missing)[:5]}")
+    return out

@@ -58,6 +58,7 @@ def build_trainer(s: Settings, prepared: Path, out: Path, precision: str, callba
     from trl import SFTConfig, SFTTrainer
 
     from lm_loss import causal_lm_loss
+    from quant_utils import add_lora
 
     class Trainer(SFTTrainer):
         # TRL's default loss also computes per-token entropy and accuracy metrics; on CPU that halved
@@ -67,6 +68,8 @@ def build_trainer(s: Settings, prepared: Path, out: Path, precision: str, callba
         # timers; backward still goes through the engine.
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             core = self.accelerator.unwrap_model(model)
+            if hasattr(core, "get_base_model"):  # PEFT: the Llama with the LoRA layers in it
+                core = core.get_base_model()
             out = core.model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
                              position_ids=inputs.get("position_ids"), use_cache=False)
             loss = causal_lm_loss(out.last_hidden_state, core.lm_head.weight, inputs["labels"], num_items_in_batch)
@@ -77,9 +80,17 @@ def build_trainer(s: Settings, prepared: Path, out: Path, precision: str, callba
 
     manifest = json.loads((prepared / "manifest.json").read_text())
     tok = AutoTokenizer.from_pretrained(prepared / "tokenizer")
-    model = AutoModelForCausalLM.from_pretrained(prepared / "model", dtype=torch.float32, attn_implementation="sdpa")
     train_ds, val_ds = load_from_disk(str(prepared / "train")), load_from_disk(str(prepared / "val"))
     ckpt = use_gradient_checkpointing(s, manifest["architecture"], precision)
+    if manifest["train_format"] == "nf4":
+        # The NF4 base loads as bitsandbytes 4-bit layers (its config.json carries the quantization
+        # config); only the LoRA adapters train. Under ZeRO-2 the frozen 4-bit weights stay whole on
+        # every rank and DeepSpeed partitions the adapters' gradients and optimizer states.
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
+        model = AutoModelForCausalLM.from_pretrained(prepared / "model", device_map={"": device}, attn_implementation="sdpa")
+        model = add_lora(model, s, ckpt)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(prepared / "model", dtype=torch.float32, attn_implementation="sdpa")
     cpu = not torch.cuda.is_available()
     # transformers' TensorBoard callback takes its directory from this variable only.
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "runs")
@@ -184,6 +195,11 @@ def fit(s: Settings, work: Path) -> int:
         f"sequences of <= {s.max_length} tokens; precision {precision}; {world} rank(s) on "
         f"{'GPU' if torch.cuda.is_available() else 'CPU'}; ZeRO-2; gradient checkpointing {'on' if ckpt else 'off'}; "
         f"time budget {s.time_budget_s() / 60:.0f} min")
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    if manifest["train_format"] == "nf4":
+        log(f"NF4 base + LoRA r={s.lora_r} alpha={s.lora_alpha:g} on {s.lora_targets}: {trainable:,} trainable parameters")
+    else:
+        log(f"training every weight: {trainable:,} parameters")
 
     before = validation_loss(trainer.model, trainer.eval_dataset, trainer.data_collator, s.batch_size, precision)
     log(f"validation loss before training: {before:.4f}")
@@ -210,16 +226,41 @@ def fit(s: Settings, work: Path) -> int:
         "precision": precision,
         "world_size": world,
         "gradient_checkpointing": ckpt,
+        "train_format": manifest["train_format"],
+        "trainable_parameters": trainable,
     }
     log(f"validation loss after training: {after:.4f} (perplexity {metrics['perplexity']:.2f}); "
         f"{metrics['steps']} steps, {tokens:,} tokens in {runtime:.0f} s ({metrics['tokens_per_s']:,.0f} tokens/s)")
     if trainer.is_world_process_zero():
-        save_final(trainer, tok, work, precision, metrics)
+        model = trainer.accelerator.unwrap_model(trainer.model_wrapped)
+        if manifest["train_format"] == "nf4":
+            model = merge_checked(model, trainer, precision, after, metrics)
+        save_final(model, tok, work, precision, metrics)
     trainer.accelerator.wait_for_everyone()
     return 0
 
 
-def save_final(trainer, tok, work: Path, precision: str, metrics: dict[str, Any]) -> None:
+def merge_checked(peft_model, trainer, precision: str, adapter_loss: float, metrics: dict[str, Any]):
+    """The adapters merged into a plain float model (quant_utils.merge_to_float), refused when its
+    validation loss strays from the adapter's by more than 0.5%: a merge must not lose the training."""
+    import torch
+
+    from quant_utils import merge_to_float
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    merged = merge_to_float(peft_model, dtype)
+    merged_loss = validation_loss(merged, trainer.eval_dataset, trainer.data_collator, trainer.args.per_device_eval_batch_size, precision)
+    delta = abs(merged_loss - adapter_loss) / adapter_loss
+    log(f"merged LoRA into plain {dtype}: validation loss {merged_loss:.4f} vs {adapter_loss:.4f} with the adapter "
+        f"({delta * 100:.3f}% apart)")
+    if delta > 0.005:
+        raise RuntimeError(f"the merged model's validation loss {merged_loss:.4f} is {delta:.1%} away from the adapter's "
+                           f"{adapter_loss:.4f}: not publishing a merge that lost the training")
+    metrics.update({"merged_eval_loss": merged_loss, "merge_delta_pct": delta * 100})
+    return merged
+
+
+def save_final(model, tok, work: Path, precision: str, metrics: dict[str, Any]) -> None:
     """The trained model in HF layout (bf16 when trained in bf16, else fp32), written beside and renamed in."""
     import torch
     from transformers import GenerationConfig
@@ -227,7 +268,6 @@ def save_final(trainer, tok, work: Path, precision: str, metrics: dict[str, Any]
     staged, final = work / "final.tmp", work / "final"
     if staged.exists():
         shutil.rmtree(staged)
-    model = trainer.accelerator.unwrap_model(trainer.model_wrapped)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     state = {k: v.detach().to("cpu", dtype) for k, v in model.state_dict().items()}
     model.config.dtype = dtype

@@ -163,3 +163,28 @@ def test_bad_input_exits_2_naming_it_and_writes_nothing(env, tmp_path, case):
     assert not (Path(env["WORK_DIR"]) / "prepared").exists()
     assert tree_digest(Path(env["OUTPUT_REPO"])) == out_before
     assert not Path(env["OUTPUT_REPO"] + "-it").exists()
+
+
+@pytest.mark.parametrize("form", ["jsonl", "parquet", "txt", "directory"])
+def test_datasets_load_the_same_way_from_files_and_directories(tmp_path, monkeypatch, form):
+    import datasets
+
+    from prep import load_rows, pretrain_texts
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    texts = ["The cat says meow.", "A baker bakes bread.", "After one comes two."]
+    if form == "jsonl":
+        spec = tmp_path / "c.jsonl"
+        spec.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    elif form == "parquet":
+        spec = tmp_path / "c.parquet"
+        datasets.Dataset.from_dict({"text": texts}).to_parquet(str(spec))
+    elif form == "txt":
+        spec = tmp_path / "c.txt"
+        spec.write_text("\n\n".join(texts) + "\n")  # one document per paragraph
+    else:
+        spec = tmp_path / "corpus"
+        spec.mkdir()
+        (spec / "part-0.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    ds = load_rows(str(spec), "INPUT_DATASET", "train")
+    assert [t.strip() for t in pretrain_texts(ds, "text", "INPUT_DATASET")] == texts
