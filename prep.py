@@ -347,7 +347,12 @@ def prepare(s: Settings, plan: RunPlan) -> dict[str, Any]:
             sample = sample_for_tokenizer(ds, s.text_column, int(s.tokenizer_sample_mb * 1e6))
             tok = train_tokenizer(sample, s.vocab_size, s.max_length)
         else:
+            if not (local_path(plan.source) / "tokenizer.json").exists():
+                raise BadInput([f"{plan.source}: no tokenizer.json beside the model. Fix: publish the model with its tokenizer."])
             tok = AutoTokenizer.from_pretrained(local_path(plan.source))
+            if plan.inst and not tok.chat_template:
+                raise BadInput([f"{plan.source}: its tokenizer has no chat template, so chats cannot be rendered. "
+                                "Fix: start from a model this pipeline pretrained (its tokenizer carries the template)."])
             log(f"tokenizer: the published one from {plan.source} ({len(tok)} tokens)")
         tok.save_pretrained(staged / "tokenizer")
 

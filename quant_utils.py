@@ -6,9 +6,9 @@
 - `convert` writes a checkpoint in the format a run trains in: bf16/fp32 -> NF4 (bitsandbytes, double
   quantization) or NF4 -> float (each 4-bit weight dequantized by bitsandbytes).
 - `add_lora` wraps a 4-bit model with LoRA adapters on the settings' target projections.
-- `merge_to_float` dequantizes the base to fp32, adds scale * B @ A there, and returns a plain float
-  model (no quantization_config, no adapter): the adapters are never merged into 4-bit weights,
-  which would round the sum back to 16 levels per block.
+- `to_float` dequantizes a 4-bit model to fp32, adds each adapter's scale * B @ A there, and returns
+  a plain float model (no quantization_config, no adapter): the adapters are never merged into 4-bit
+  weights, which would round the sum back to 16 levels per block.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def _headers(model_dir: Path) -> tuple[dict[str, Any], dict[str, dict]]:
     cfg_path = model_dir / "config.json"
     if not cfg_path.exists():
         raise BadInput([f"{model_dir}: no config.json, not a published model. Fix: point at a model directory."])
-    files = sorted(model_dir.glob("*.safetensors"))
+    files = _weight_files(model_dir)
     if not files:
         raise BadInput([f"{model_dir}: no .safetensors weights. Fix: publish the model again."])
     tensors: dict[str, dict] = {}
@@ -65,6 +65,10 @@ def _headers(model_dir: Path) -> tuple[dict[str, Any], dict[str, dict]]:
         for name, t in read_safetensors_header(f)["tensors"].items():
             tensors[name] = {**t, "file": f.name}
     return json.loads(cfg_path.read_text()), tensors
+
+
+def _weight_files(model_dir: Path) -> list[Path]:
+    return sorted(f for f in model_dir.glob("*.safetensors") if f.name != SCALES_FILE)
 
 
 def checkpoint_format(model_dir: Path) -> dict[str, Any]:
@@ -146,34 +150,6 @@ def dequantized_weight(layer):
     return bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
 
 
-def dequantize(model, dtype) -> None:
-    """Replace every bitsandbytes 4-bit linear of `model` by a plain nn.Linear holding its dequantized
-    weight in `dtype`; drop the quantization config."""
-    import bitsandbytes as bnb
-    import torch
-
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, bnb.nn.Linear4bit):
-                w = dequantized_weight(child).to(dtype)
-                lin = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
-                                      device=w.device, dtype=dtype)
-                lin.weight = torch.nn.Parameter(w, requires_grad=False)
-                if child.bias is not None:
-                    lin.bias = torch.nn.Parameter(child.bias.data.to(dtype), requires_grad=False)
-                setattr(module, child_name, lin)
-    _drop_quantization(model)
-
-
-def _drop_quantization(model) -> None:
-    for attr in ("quantization_config",):
-        if hasattr(model.config, attr):
-            delattr(model.config, attr)
-    for attr in ("hf_quantizer", "quantization_method", "is_quantized", "is_loaded_in_4bit"):
-        if attr in model.__dict__:
-            delattr(model, attr)
-
-
 def convert(src: Path, dst: Path, to: str, compute: str) -> None:
     """Write the checkpoint `src` to `dst` as `to` ('nf4' or 'float'; float is bf16 when computing in bf16)."""
     import torch
@@ -182,14 +158,59 @@ def convert(src: Path, dst: Path, to: str, compute: str) -> None:
     dtype = torch.bfloat16 if compute == "bf16" else torch.float32
     if to == "nf4":
         model = _load(src, dtype=dtype, quantization_config=BitsAndBytesConfig(**bnb_config(compute)))
+        _restore_scales(model, src)
+        model.save_pretrained(dst, safe_serialization=True)
     else:
-        model = _load(src)
-        dequantize(model, dtype)
-    model.save_pretrained(dst, safe_serialization=True)
-    for f in src.glob("*"):
-        if f.is_file() and f.suffix != ".safetensors" and f.name not in {"config.json", "model.safetensors.index.json"} \
-                and not (dst / f.name).exists():
-            shutil.copy2(f, dst / f.name)  # tokenizer and generation config travel with the weights
+        model = to_float(_load(src), dtype)
+        model.save_pretrained(dst, safe_serialization=True)
+        _keep_scales(src, dst)
+    if (src / "generation_config.json").exists() and not (dst / "generation_config.json").exists():
+        shutil.copy2(src / "generation_config.json", dst / "generation_config.json")
+
+
+SCALES_FILE = "nf4_scales.safetensors"
+
+
+def _keep_scales(nf4_dir: Path, float_dir: Path) -> None:
+    """Beside weights dequantized from NF4, keep the NF4 scales they came from (absmax and its double
+    quantization). Double quantization offsets the block scales by their mean, which a re-quantization
+    of the dequantized weights cannot recover; with the originals kept, NF4 -> float -> NF4 gives back
+    the same codes and the same scales (see _restore_scales)."""
+    from safetensors.torch import load_file, save_file
+
+    scales = {}
+    for f in _weight_files(nf4_dir):
+        scales.update({k: v for k, v in load_file(f).items() if k.endswith(_QUANT_SUFFIXES)})
+    if scales:
+        save_file(scales, str(float_dir / SCALES_FILE))
+
+
+def _restore_scales(model, float_dir: Path) -> None:
+    """Where the float weights are exactly the dequantization of the new 4-bit codes under the kept
+    scales (nothing trained them since), use those scales instead of the recomputed ones."""
+    import bitsandbytes as bnb
+    import torch
+    from safetensors.torch import load_file
+
+    path = float_dir / SCALES_FILE
+    if not path.exists():
+        return
+    kept = load_file(path)
+    weights = {}
+    for f in _weight_files(float_dir):
+        weights.update(load_file(f))
+    for name, module in model.named_modules():
+        if not isinstance(module, bnb.nn.Linear4bit) or f"{name}.weight" not in weights:
+            continue
+        prefix = f"{name}.weight."
+        parts = {k[len(prefix):]: v.to(module.weight.device) for k, v in kept.items() if k.startswith(prefix)}
+        if not parts:
+            continue
+        state = bnb.functional.QuantState.from_dict(parts, device=module.weight.device)
+        float_w = weights[f"{name}.weight"]
+        deq = bnb.functional.dequantize_4bit(module.weight.data, state).to(float_w.dtype).cpu()
+        if torch.equal(deq, float_w):
+            module.weight.quant_state = state
 
 
 def add_lora(model, s: Settings, gradient_checkpointing: bool):
@@ -200,44 +221,54 @@ def add_lora(model, s: Settings, gradient_checkpointing: bool):
     return get_peft_model(model, LoraConfig(**lora_config(s)))
 
 
-def merge_to_float(peft_model, dtype):
-    """A plain float copy of `peft_model`: base dequantized to fp32, each adapter's scale·B@A added in
-    fp32, then cast to `dtype`. Strict: every weight of the float model is assigned exactly once."""
+def to_float(model, dtype):
+    """A plain float copy of `model` (4-bit, with or without LoRA): every 4-bit weight dequantized to
+    fp32, each adapter's scale·B@A added there, then cast to `dtype`. The merge never happens in the
+    4-bit weights. Strict: every weight of the float model is assigned exactly once."""
     import bitsandbytes as bnb
     import torch
-    from peft.tuners.lora import LoraLayer
     from transformers import AutoModelForCausalLM
 
-    base = peft_model.get_base_model()
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # pragma: no cover - peft is pinned
+        LoraLayer = ()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = base.config.to_dict()
     config.pop("quantization_config", None)
     conf = type(base.config).from_dict(config)
     conf.dtype = dtype
-    merged_state: dict[str, torch.Tensor] = {}
+    state: dict[str, torch.Tensor] = {}
     for name, module in base.named_modules():
-        if isinstance(module, LoraLayer):
-            layer = module.get_base_layer()
-            w = layer.weight
-            if isinstance(layer, bnb.nn.Linear4bit):
-                w = dequantized_weight(layer)
-            w = w.detach().float().clone()
+        lora = isinstance(module, LoraLayer)
+        layer = module.get_base_layer() if lora else module
+        if not (lora or isinstance(module, bnb.nn.Linear4bit)) or "base_layer" in name:
+            continue
+        w = dequantized_weight(layer) if isinstance(layer, bnb.nn.Linear4bit) else layer.weight
+        w = w.detach().float().clone()
+        if lora:
             for adapter in module.active_adapters:
                 a, b = module.lora_A[adapter].weight.float(), module.lora_B[adapter].weight.float()
                 w += module.scaling[adapter] * (b @ a)
-            merged_state[f"{name}.weight"] = w.to(dtype)
-            if layer.bias is not None:
-                merged_state[f"{name}.bias"] = layer.bias.detach().to(dtype)
+        state[f"{name}.weight"] = w.to(dtype)
+        if layer.bias is not None:
+            state[f"{name}.bias"] = layer.bias.detach().to(dtype)
     for name, p in base.state_dict().items():
         clean = name.replace(".base_layer", "")
-        if "lora_" in name or clean in merged_state or any(name.endswith(s) for s in _QUANT_SUFFIXES):
+        if "lora_" in name or clean in state or name.endswith(_QUANT_SUFFIXES):
             continue
         if p.dtype == torch.uint8:
-            raise RuntimeError(f"merge: {name} is still 4-bit and has no LoRA layer to dequantize it through")
-        merged_state[clean] = p.detach().to(dtype)
+            raise RuntimeError(f"to_float: {name} is 4-bit but belongs to no 4-bit layer")
+        state[clean] = p.detach().to(dtype)
     with torch.device("meta"):
         out = AutoModelForCausalLM.from_config(conf)
-    out.load_state_dict(merged_state, strict=not conf.tie_word_embeddings, assign=True)
-    # Buffers outside the state dict (rotary inverse frequencies) are taken from the trained model.
+    result = out.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in result.missing_keys if not (k == "lm_head.weight" and conf.tie_word_embeddings)]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"to_float: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+    if conf.tie_word_embeddings:
+        out.tie_weights()
+    # Buffers outside the state dict (rotary inverse frequencies) are taken from the source model.
     for name, buf in base.named_buffers():
         owner, _, attr = name.replace(".base_layer", "").rpartition(".")
         mod = out.get_submodule(owner) if owner else out
@@ -245,10 +276,5 @@ def merge_to_float(peft_model, dtype):
             setattr(mod, attr, buf.detach().clone())
     leftover = [n for n, b in out.named_buffers() if b.is_meta]
     if leftover:
-        raise RuntimeError(f"merge: buffers without a value: {leftover[:5]}")
-    if conf.tie_word_embeddings:
-        out.tie_weights()
-        missing = set(out.state_dict()) - set(merged_state) - {"lm_head.weight"}
-        if missing:
-            raise RuntimeError(f"merge: no value for {sorted(missing)[:5]}")
+        raise RuntimeError(f"to_float: buffers without a value: {leftover[:5]}")
     return out

@@ -241,14 +241,14 @@ def fit(s: Settings, work: Path) -> int:
 
 
 def merge_checked(peft_model, trainer, precision: str, adapter_loss: float, metrics: dict[str, Any]):
-    """The adapters merged into a plain float model (quant_utils.merge_to_float), refused when its
+    """The adapters merged into a plain float model (quant_utils.to_float), refused when its
     validation loss strays from the adapter's by more than 0.5%: a merge must not lose the training."""
     import torch
 
-    from quant_utils import merge_to_float
+    from quant_utils import to_float
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    merged = merge_to_float(peft_model, dtype)
+    merged = to_float(peft_model, dtype)
     merged_loss = validation_loss(merged, trainer.eval_dataset, trainer.data_collator, trainer.args.per_device_eval_batch_size, precision)
     delta = abs(merged_loss - adapter_loss) / adapter_loss
     log(f"merged LoRA into plain {dtype}: validation loss {merged_loss:.4f} vs {adapter_loss:.4f} with the adapter "

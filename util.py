@@ -146,7 +146,8 @@ def build_record(s: Settings, plan: RunPlan, manifest: dict[str, Any], metrics: 
              "rows": manifest["rows"], "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
              **{k: metrics[k] for k in ("steps", "tokens", "train_loss", "eval_loss_before", "eval_loss",
                                         "perplexity", "train_runtime_s", "tokens_per_s", "precision",
-                                        "world_size") if k in metrics}}
+                                        "world_size", "train_format", "trainable_parameters", "merged_eval_loss",
+                                        "merge_delta_pct") if k in metrics}}
     history.append(entry)
     nxt = next_after(plan.stage, plan.shard, manifest["shards_total"])
     return {

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import ROOT, make_env, record, run, tree_digest
 
@@ -146,3 +147,31 @@ def test_two_cpu_ranks_train_and_publish_once(env):
     rec = record(env["OUTPUT_REPO"])
     assert len(rec["history"]) == 1 and rec["history"][0]["world_size"] == 2
     assert rec["next"] == {"inst": False, "init": 1}
+
+
+def test_every_conversion_path_between_runs_publishes_plain_bf16(env, tmp_path):
+    """USE_QUANT switched between consecutive runs: bf16->NF4, NF4->NF4, NF4->bf16 (bf16->bf16 is the
+    default pipeline above); every published model loads with plain from_pretrained."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import ROOT, head_jsonl
+
+    env["INPUT_DATASET"] = str(head_jsonl(ROOT / "data" / "pretrain.jsonl", tmp_path / "p.jsonl", 160))
+    env.update({"SHARD_SIZE": "80", "MAX_RUNS": "1"})
+    plan = [("false", "pretrain", 0, "float"), ("true", "pretrain", 1, "nf4"),
+            ("true", "instruct", 0, "nf4"), ("false", "instruct", 1, "float")]
+    for use_quant, stage, shard, fmt in plan:
+        p = run(["./trainer.sh"], {**env, "USE_QUANT": use_quant}, timeout=600)
+        assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+        target = env["OUTPUT_REPO"] + ("-it" if stage == "instruct" else "")
+        last = record(target)["history"][-1]
+        assert (last["stage"], last["shard"], last["train_format"]) == (stage, shard, fmt)
+        if fmt == "nf4":
+            assert "converted float (bfloat16) -> nf4" in p.stdout
+            assert last["merge_delta_pct"] <= 0.5 and last["trainable_parameters"] < 1_000_000
+        cfg = json.loads((Path(target) / "config.json").read_text())
+        assert "quantization_config" not in cfg and cfg["dtype"] == "bfloat16"
+        assert not list(Path(target).glob("adapter*")) and not (Path(target) / "nf4_scales.safetensors").exists()
+        model = AutoModelForCausalLM.from_pretrained(target)
+        assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert record(env["OUTPUT_REPO"] + "-it")["done"]
