@@ -31,8 +31,10 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests
 
 bench: setup
-	$(PY) bench/prep_throughput.py
 	$(PY) bench/throughput.py --corpus data/pretrain.jsonl
+	$(PY) bench/prep_throughput.py
+	$(PY) bench/pipeline.py
+	$(PY) bench/quant.py
 
 clean:
 	rm -rf work output

@@ -52,6 +52,12 @@ class BadInput(ValueError):
         super().__init__("\n".join(problems))
 
 
+def report(e: BadInput) -> int:
+    """Print a BadInput for the user (stderr) and return the exit code entry points use for it."""
+    print("Bad input:\n  " + "\n  ".join(e.problems), file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
 class SettingsError(BadInput):
     """Bad settings: one line per problem, each naming the variable, the value and what is accepted."""
 
@@ -473,8 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         s = load_settings()
     except SettingsError as e:
-        print("Bad settings:\n  " + "\n  ".join(e.problems), file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return report(e)
     if argv[:1] == ["get"]:
         values = s.redacted()
         print("\n".join(str(values[name.upper()]) for name in argv[1:]))

@@ -17,14 +17,13 @@ import math
 import os
 import re
 import shutil
-import sys
 import time
 import uuid
 from pathlib import Path
 from dataclasses import asdict
 from typing import Any, Iterable
 
-from config import (EXIT_BAD_INPUT, BadInput, Settings, architecture, count_parameters, load_settings, local_path,
+from config import (BadInput, Settings, architecture, count_parameters, load_settings, local_path, report,
                     resolve_precision)
 from quant_utils import convert, verify_checkpoint
 from util import RunPlan, plan_run
@@ -427,8 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         prepare(s, plan)
         return 0
     except BadInput as e:
-        print("Bad input:\n  " + "\n  ".join(e.problems), file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return report(e)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from config import EXIT_BAD_INPUT, BadInput, Settings, deepspeed_config, load_settings, resolve_precision
+from config import EXIT_BAD_INPUT, BadInput, Settings, deepspeed_config, load_settings, report, resolve_precision
 
 EXIT_OUT_OF_TIME = 3
 
@@ -289,8 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         s = load_settings()
     except BadInput as e:
-        print("Bad input:\n  " + "\n  ".join(e.problems), file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return report(e)
     work = Path(s.work_dir)
     if not (work / "prepared" / "manifest.json").exists():
         print(f"{work / 'prepared'}: no prepared data. Fix: run prep.py first (trainer.sh does).", file=sys.stderr)

@@ -15,13 +15,12 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from config import EXIT_BAD_INPUT, BadInput, Settings, is_local_target, load_settings, local_path
+from config import BadInput, Settings, is_local_target, load_settings, local_path, report
 
 EXIT_DONE = 3
 STATE_FILE = "training_state.json"
@@ -231,8 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         print(summary(record, target))
         return 0
     except BadInput as e:
-        print("Bad input:\n  " + "\n  ".join(e.problems), file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return report(e)
 
 
 if __name__ == "__main__":

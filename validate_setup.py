@@ -14,7 +14,6 @@ import importlib.metadata as md
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent

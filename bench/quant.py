@@ -40,7 +40,7 @@ def rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def perplexity(model, blocks, batch: int = 16) -> tuple[float, "torch.Tensor"]:
+def perplexity(model, blocks, batch: int = 16) -> tuple[float, object]:
     """exp(mean next-token loss) over `blocks` (a LongTensor (N, T)), and the logits of the first batch."""
     import torch
 

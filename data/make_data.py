@@ -131,7 +131,7 @@ def qa(r: random.Random) -> tuple[str, str]:
     if kind == 6:
         w = r.choice(list(OPPOSITES))
         return f"What is the opposite of {w}?", f"The opposite of {w} is {OPPOSITES[w]}."
-    return f"Tell me a short story.", story(r)
+    return "Tell me a short story.", story(r)
 
 
 SYSTEM = ["You are a helpful assistant.", "You answer briefly and kindly.", "You are a friendly helper."]

@@ -131,7 +131,6 @@ BAD_INPUTS = {
 
 def _fake_published_model(dst: Path) -> None:
     """A minimal published model directory (config + weights) for stages that continue from one."""
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from prep import train_tokenizer as tt

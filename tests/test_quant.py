@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import py, record, run, tree_digest
+from conftest import py, run, tree_digest
 from config import BadInput, load_settings
 from quant_utils import add_lora, checkpoint_format, convert, to_float, verify_checkpoint
 

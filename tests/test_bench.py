@@ -1,0 +1,39 @@
+"""The benchmarks run on a short setting and print the JSON keys the README reports."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from conftest import ROOT, head_jsonl, run
+
+pytestmark = pytest.mark.slow
+
+
+def _json(p) -> dict:
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def test_throughput_bench(env, tmp_path):
+    corpus = head_jsonl(ROOT / "data" / "pretrain.jsonl", tmp_path / "c.jsonl", 600)
+    out = _json(run([sys.executable, "bench/throughput.py", "--corpus", str(corpus), "--steps", "2"], env, timeout=600))
+    assert out["real_tokens_per_s"] > 0 and out["baseline_real_tokens_per_s"] > 0 and 0 < out["mfu"] < 1
+    assert 25_000_000 < out["model"]["parameters"] < 30_000_000
+
+
+def test_prep_bench(env):
+    out = _json(run([sys.executable, "bench/prep_throughput.py", "--mb", "2"], env, timeout=300))
+    assert out["mb_per_s"] > 0 and out["raw_mb"] >= 2
+
+
+def test_quant_bench(env):
+    out = _json(run([sys.executable, "bench/quant.py", "--pretrain-steps", "5", "--lora-steps", "5"], env, timeout=900))
+    assert out["nf4_roundtrip_identical"] is True
+    assert out["merge_bf16_ppl_delta_pct"] <= 0.1
+    for k in ("merge_4bit_ppl_delta_pct", "merge_bf16_max_abs_logit_diff", "peak_mem_ratio",
+              "peak_mem_full_bf16_adamw_bytes", "peak_mem_nf4_lora_bytes"):
+        assert out[k] >= 0
+    assert out["memory_model_parameters"] >= 100_000_000
