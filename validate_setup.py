@@ -1,9 +1,12 @@
-"""Are the dependencies installed, at the pinned versions, and is the launcher there?
+"""Are the dependencies installed, at the pinned versions, and do they work on this machine?
 
     python3 validate_setup.py [--json]
 
 Each package of requirements.txt (plus torch and deepspeed) is imported and its version compared
-with the pin; the `deepspeed` launcher must be on PATH. Exit 1 on any failure, with the fix.
+with the pin; then functional checks run on the current accelerator (GPU if there is one, else
+CPU): a 4-bit NF4 linear forward through bitsandbytes, a LoRA wrap through PEFT, a DeepSpeed
+ZeRO-2 engine initialised and stepped once, a tiny BPE trained with tokenizers, and the `deepspeed`
+launcher on PATH. Each check passes or fails with its fix; exit 1 on any failure.
 """
 
 from __future__ import annotations
@@ -12,9 +15,13 @@ import argparse
 import importlib
 import importlib.metadata as md
 import json
+import os
 import re
 import shutil
+import socket
+import time
 from pathlib import Path
+from typing import Callable
 
 HERE = Path(__file__).resolve().parent
 # Distribution name -> import name, where they differ.
@@ -46,8 +53,106 @@ def check_package(dist: str, pinned: str) -> dict:
     return {"name": dist, "ok": ok, "finding": f"{version}" + ("" if ok else f" (pinned {pinned})"), "fix": None if ok else fix}
 
 
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def fn_bnb() -> str:
+    """A bitsandbytes NF4 linear quantizes a weight and computes close to the float result."""
+    import bitsandbytes as bnb
+    import torch
+
+    torch.manual_seed(0)
+    w = torch.randn(32, 64)
+    lin = bnb.nn.Linear4bit(64, 32, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    lin.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4")
+    lin = lin.to(_device())
+    x = torch.randn(4, 64, dtype=torch.bfloat16, device=_device())
+    err = float(((lin(x).float() - x.float() @ w.to(x.device).T).abs().max()) / (x.float() @ w.to(x.device).T).abs().max())
+    if lin.weight.dtype != torch.uint8 or err > 0.2:
+        raise RuntimeError(f"4-bit forward off by {err:.2f} relative (weight dtype {lin.weight.dtype})")
+    return f"NF4 linear forward on {_device()}, relative error {err:.3f}"
+
+
+def _tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                        num_attention_heads=1, num_key_value_heads=1, max_position_embeddings=32))
+
+
+def fn_peft() -> str:
+    """PEFT wraps a Llama with LoRA adapters and only they train."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(_tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if not 0 < trainable < sum(p.numel() for p in model.parameters()) / 2:
+        raise RuntimeError(f"unexpected trainable parameter count {trainable}")
+    return f"LoRA wrap: {trainable} trainable parameters"
+
+
+def fn_deepspeed() -> str:
+    """A DeepSpeed ZeRO-2 engine starts on this accelerator (one local rank) and takes a step."""
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        with socket.socket() as sock:  # a port nobody holds: a busy one makes the rendezvous wait
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                     "MASTER_PORT": str(port)}.items():
+            os.environ.setdefault(k, v)
+        deepspeed.init_distributed(verbose=False)
+    model = _tiny_llama()
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config={
+        "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+        "zero_optimization": {"stage": 2}, "steps_per_print": 10**9})
+    x = torch.randint(0, 128, (1, 8), device=engine.device)
+    loss = engine(input_ids=x, labels=x).loss
+    engine.backward(loss)
+    engine.step()
+    return f"ZeRO-2 engine on {engine.device} ({deepspeed.get_accelerator().communication_backend_name()}), one step"
+
+
+def fn_tokenizers() -> str:
+    """tokenizers trains a byte-level BPE."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(["the cat sat on the mat"] * 50,
+                            trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                show_progress=False))
+    return f"byte-level BPE trained, {tok.get_vocab_size()} tokens"
+
+
+FUNCTIONAL: list[tuple[str, Callable[[], str], str]] = [
+    ("bitsandbytes 4-bit", fn_bnb, "reinstall bitsandbytes (make setup); on GPU check the CUDA driver matches torch"),
+    ("peft LoRA", fn_peft, "reinstall peft (make setup)"),
+    ("deepspeed engine", fn_deepspeed, "reinstall deepspeed against the installed torch (make setup); on CPU set DS_ACCELERATOR=cpu"),
+    ("tokenizers BPE", fn_tokenizers, "reinstall tokenizers (make setup)"),
+]
+
+
 def run_checks() -> list[dict]:
     results = [check_package(d, v) for d, v in pins().items()]
+    broken = {r["name"] for r in results if not r["ok"] and r["finding"] == "not installed" or "import fails" in r["finding"]}
+    for name, fn, fix in FUNCTIONAL:
+        if name.split()[0] in broken:
+            results.append({"name": name, "ok": False, "finding": "skipped: the package does not import", "fix": fix})
+            continue
+        t = time.perf_counter()
+        try:
+            finding = fn()
+            results.append({"name": name, "ok": True, "finding": f"{finding} ({time.perf_counter() - t:.1f} s)", "fix": None})
+        except Exception as e:  # noqa: BLE001 - a check reports any failure with its fix
+            results.append({"name": name, "ok": False, "finding": f"{type(e).__name__}: {str(e)[:300]}", "fix": fix})
     launcher = shutil.which("deepspeed")
     results.append({"name": "deepspeed launcher", "ok": launcher is not None, "finding": launcher or "not on PATH",
                     "fix": None if launcher else "activate the environment (. .venv/bin/activate) or make setup"})
@@ -63,10 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps({"ok": ok, "checks": results}))
     else:
-        bad = [r for r in results if not r["ok"]]
-        for r in bad:
-            print(f"[FAIL] {r['name']}: {r['finding']}\n       - fix: {r['fix']}")
-        print(f"validate_setup: {len(results) - len(bad)}/{len(results)} checks passed"
+        for r in results:
+            if r["name"] in {n for n, _, _ in FUNCTIONAL} or not r["ok"]:
+                print(f"[{'ok' if r['ok'] else 'FAIL'}] {r['name']}: {r['finding']}" + ("" if r["ok"] else f"\n       - fix: {r['fix']}"))
+        bad = sum(not r["ok"] for r in results)
+        print(f"validate_setup: {len(results) - bad}/{len(results)} checks passed (package versions included)"
               + ("" if ok else "; fix the failures above"))
     return 0 if ok else 1
 

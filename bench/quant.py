@@ -8,11 +8,12 @@
    bf16 dequantization, adapters unmerged), (b) our merge (quant_utils.to_float: fp32 merge, plain
    bf16 weights), (c) PEFT's merge_and_unload into the 4-bit weights.
 2. NF4 -> bf16 -> NF4 (quant_utils.convert both ways): every stored tensor compared bit for bit.
-3. Peak memory of 3 training steps (batch 4 x 256 tokens) of a ~110M model: full bf16 training with
-   AdamW vs NF4 base + LoRA (r=16 on every projection), each in its own process, with gradient
-   checkpointing on in both (the usual QLoRA setting; peak_mem_ratio) and off in both. Measured as
-   the process's peak resident memory during the steps (VmHWM, reset with /proc/self/clear_refs after
-   loading) minus its resident memory before the model existed; the absolute figures are printed.
+3. Peak memory of 3 training steps (batch 4 x 256 tokens) of a ~110M model through train.py's own
+   trainer (TRL + DeepSpeed ZeRO-2, bf16 with fp32 master weights and AdamW states): full training
+   (USE_QUANT=false) vs NF4 base + LoRA (USE_QUANT=true, r=16 on every projection), each in its own
+   process, with gradient checkpointing on in both (the usual QLoRA setting; peak_mem_ratio) and off
+   in both. Measured as the process's peak resident memory (VmHWM) minus its resident memory before
+   the model was loaded, libraries already imported; the absolute figures are printed.
 
 Prints one JSON line.
 """
@@ -148,48 +149,55 @@ def round_trip(work: Path) -> dict:
 
 
 def memory_case(case: str, model_dir: str, checkpointing: bool) -> dict:
-    """Runs in its own process: 3 training steps, peak resident memory around them."""
-    import ctypes
+    """Runs in its own process: 3 steps of train.py's own trainer (TRL + DeepSpeed ZeRO-2, bf16) on
+    the prepared model, USE_QUANT=false ('full') or true ('nf4'); peak resident memory around them."""
+    import shutil
 
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": str(29300 + os.getpid() % 500), "DS_ACCELERATOR": "cpu"}.items():
+        os.environ.setdefault(k, v)
+    import bitsandbytes  # noqa: F401 - imported before the baseline so libraries count in neither case
+    import deepspeed  # noqa: F401
+    import peft  # noqa: F401
     import torch
-    from transformers import AutoModelForCausalLM
+    import transformers
 
+    import train
     from config import load_settings
-    from quant_utils import add_lora
+    from prep import to_dataset, train_tokenizer
 
-    before = rss_kib("VmRSS")
-    if case == "full":
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
-        if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        # As train.py does: the NF4 checkpoint prep.py wrote, loaded as 4-bit layers.
-        model = AutoModelForCausalLM.from_pretrained(Path(model_dir).with_name("mem_nf4"), device_map={"": "cpu"})
-        model = add_lora(model, load_settings({}), checkpointing)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    ctypes.CDLL("libc.so.6").malloc_trim(0)  # pages the loader freed are not training memory
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak: loading is not training
-    loaded = rss_kib("VmRSS")
+    transformers.utils.logging.set_verbosity_error()
+    work = Path(tempfile.mkdtemp(prefix=f"mem-{case}-"))
+    prepared = work / "prepared"
+    src = Path(model_dir) if case == "full" else Path(model_dir).with_name("mem_nf4")
+    shutil.copytree(src, prepared / "model")
+    arch = json.loads((prepared / "model" / "config.json").read_text())
+    tok = train_tokenizer(["a small corpus for the tokenizer of the memory benchmark"] * 20, 300, 256)
+    tok.save_pretrained(prepared / "tokenizer")
     torch.manual_seed(0)
-    x = torch.randint(0, model.config.vocab_size, (4, 256))
-    for _ in range(3):
-        model(input_ids=x, labels=x).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=False)  # keep gradient buffers allocated, as between real steps
+    rows = torch.randint(0, arch["vocab_size"], (16, 256)).tolist()
+    to_dataset(rows[:12]).save_to_disk(prepared / "train")
+    to_dataset(rows[12:]).save_to_disk(prepared / "val")
+    (prepared / "manifest.json").write_text(json.dumps({"architecture": arch, "train_format": "float" if case == "full" else "nf4"}))
+    s = load_settings({"BATCH_SIZE": "4", "MAX_LENGTH": "256", "MAX_STEPS": "3", "TIME_BUDGET": "10h",
+                       "GRADIENT_CHECKPOINTING": "true" if checkpointing else "false", "WORK_DIR": str(work),
+                       "USE_QUANT": "false" if case == "full" else "true"})
+    before = rss_kib("VmRSS")
+    trainer, _, _ = train.build_trainer(s, prepared, work, "bf16", [])
+    trainer.train()
     peak = rss_kib("VmHWM")
-    return {"rss_before_model_kib": before, "rss_after_load_kib": loaded, "peak_during_steps_kib": peak,
-            "training_peak_bytes": (peak - before) * 1024, "trainable_parameters": sum(p.numel() for p in params)}
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    return {"rss_before_model_kib": before, "peak_kib": peak, "training_peak_bytes": (peak - before) * 1024,
+            "trainable_parameters": trainable}
 
 
-def peak_memory(work: Path) -> dict:
+def peak_memory(work: Path, target: str) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from config import size_for_target
+    from config import parse_count, size_for_target
 
-    arch = size_for_target(110_000_000, 8192)
+    arch = size_for_target(parse_count(target), 8192)
     model = LlamaForCausalLM(LlamaConfig(**arch, max_position_embeddings=256)).to(torch.bfloat16)
     n = sum(p.numel() for p in model.parameters())
     model.save_pretrained(work / "mem")
@@ -212,9 +220,10 @@ def peak_memory(work: Path) -> dict:
         "peak_mem_nf4_lora_bytes": cases["nf4_checkpointing_on"]["training_peak_bytes"],
         "memory_model_parameters": n,
         "memory_cases": cases,
-        "memory_method": "per case, own process, bf16 weights and AdamW on the trainable ones, batch 4 x 256, "
-                         "gradient checkpointing on in both (peak_mem_ratio) or off in both: VmHWM after 3 steps "
-                         "(peak reset after loading, freed loader pages trimmed) minus VmRSS before the model existed",
+        "memory_method": "per case, own process: train.py's trainer (TRL + DeepSpeed ZeRO-2, bf16 with fp32 master "
+                         "weights and AdamW states on the trainable parameters), 3 steps of batch 4 x 256, gradient "
+                         "checkpointing on in both (peak_mem_ratio) or off in both; peak resident memory (VmHWM) minus "
+                         "resident memory before the model was loaded (libraries already imported)",
     }
 
 
@@ -222,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pretrain-steps", type=int, default=150)
     ap.add_argument("--lora-steps", type=int, default=300)
+    ap.add_argument("--memory-target", default="110M", help="size of the model of the memory comparison")
     ap.add_argument("--memory-case", nargs=3, metavar=("CASE", "MODEL_DIR", "CHECKPOINTING"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     import transformers
@@ -233,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(memory_case(case, model_dir, ckpt == "on")))
         return 0
     work = Path(tempfile.mkdtemp(prefix="bench-quant-"))
-    out = {"bench": "quant", **merge_fidelity(args, work), **round_trip(work), **peak_memory(work),
+    out = {"bench": "quant", **merge_fidelity(args, work), **round_trip(work), **peak_memory(work, args.memory_target),
            "machine": {"cpu": platform.machine(), "cores": os.cpu_count()}}
     print(json.dumps(out))
     return 0

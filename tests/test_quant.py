@@ -92,7 +92,7 @@ def test_broken_checkpoint_is_named(models, tmp_path, how):
     assert name in str(e.value) and "Fix" in str(e.value)
 
 
-@pytest.mark.parametrize("how", ["missing", "truncated"])
+@pytest.mark.parametrize("how", ["missing", "extra", "shape", "truncated"])
 def test_broken_published_model_stops_the_run_with_exit_2(env, models, how):
     """A run continuing from a broken published model exits 2 naming it, and publishes nothing."""
     out = Path(env["OUTPUT_REPO"])

@@ -38,7 +38,23 @@ def test_validate_setup_passes_here(env):
     report = json.loads(p.stdout.strip().splitlines()[-1])
     assert p.returncode == 0 and report["ok"], report
     names = {c["name"] for c in report["checks"]}
-    assert {"torch", "transformers", "trl", "deepspeed", "bitsandbytes", "peft", "deepspeed launcher"} <= names
+    assert {"torch", "transformers", "trl", "deepspeed", "bitsandbytes", "peft", "deepspeed launcher",
+            "bitsandbytes 4-bit", "peft LoRA", "deepspeed engine", "tokenizers BPE"} <= names
+
+
+def test_validate_setup_flags_a_broken_package_with_its_fix(env, tmp_path):
+    """A package that no longer imports fails its version check and its functional check, with the fix."""
+    fake = tmp_path / "shadow" / "peft"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('peft is broken here')\n")
+    env["PYTHONPATH"] = str(tmp_path / "shadow")
+    p = run(py("validate_setup.py", "--json"), env, timeout=120)
+    report = json.loads(p.stdout.strip().splitlines()[-1])
+    assert p.returncode == 1 and not report["ok"]
+    checks = {c["name"]: c for c in report["checks"]}
+    assert not checks["peft"]["ok"] and "import fails" in checks["peft"]["finding"] and checks["peft"]["fix"]
+    assert not checks["peft LoRA"]["ok"] and checks["peft LoRA"]["fix"]
+    assert checks["tokenizers BPE"]["ok"] and checks["deepspeed engine"]["ok"]
 
 
 def test_validate_setup_flags_a_wrong_pin(tmp_path, monkeypatch):
