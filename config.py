@@ -14,6 +14,7 @@ settings, so every entry point derives the same values.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -26,6 +27,10 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_vali
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 EXIT_BAD_INPUT = 2
+
+# On CPUs with AVX512-bf16, bitsandbytes looks for an optional kernel package and warns at import
+# when it is absent; its built-in kernel is used instead, so the warning is only noise in every log.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 # Named model sizes. "tiny" and "small" are explicit shapes (tiny: the CPU default; small: the
 # ~27M shape the throughput benchmark uses); the others are parameter targets sized by `architecture`.

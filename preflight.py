@@ -38,7 +38,8 @@ def check_settings() -> tuple[Settings | None, Check]:
         return None, Check("settings", False, f"{len(e.problems)} problem(s) in the settings", e.problems)
     arch = architecture(s)
     return s, Check("settings", True, f"valid; model {count_parameters(arch):,} parameters "
-                    f"(d={arch['hidden_size']}, {arch['num_hidden_layers']} layers)", data={"architecture": arch})
+                    f"(d={arch['hidden_size']}, {arch['num_hidden_layers']} layers, vocabulary {arch['vocab_size']}; "
+                    "a new tokenizer may end smaller on a small corpus)", data={"architecture": arch})
 
 
 def check_plan(s: Settings) -> Check:

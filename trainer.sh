@@ -70,7 +70,7 @@ while :; do
   runs=$(( runs + 1 ))
   banner "run $runs"
   phase "prep" "$PY" prep.py
-  phase "train ($nproc_ rank(s))" deepspeed --log_level warning --num_gpus "$nproc_" --master_port "$port" train.py
+  phase "train ($nproc_ rank(s))" deepspeed --log_level error --num_gpus "$nproc_" --master_port "$port" train.py
   phase "publish" "$PY" util.py publish
   # Later runs follow the published record, not the first run's explicit INIT/INST.
   unset INIT INST

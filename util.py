@@ -43,7 +43,8 @@ class RunPlan:
 
     def describe(self) -> str:
         if self.done:
-            return "the pipeline is done: every pretraining and instruct shard is trained and published"
+            return (f"the pipeline is done: every pretraining and instruct shard is trained and published; "
+                    f"the chat model is in {self.target}")
         start = "fresh weights and a new tokenizer" if self.source is None else self.source
         return f"{self.stage} shard {self.shard} from {start} -> {self.target}"
 

@@ -15,6 +15,7 @@ import argparse
 import importlib
 import importlib.metadata as md
 import json
+import logging
 import os
 import re
 import shutil
@@ -24,6 +25,9 @@ from pathlib import Path
 from typing import Callable
 
 HERE = Path(__file__).resolve().parent
+# bitsandbytes' warning about an optional CPU kernel package (see config.py); this script must not
+# import config, whose own dependencies it checks.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 # Distribution name -> import name, where they differ.
 IMPORT_NAMES = {"huggingface_hub": "huggingface_hub", "pydantic-settings": "pydantic_settings", "pyyaml": "yaml"}
 EXTRA_PINS = {"torch": "2.13.0", "deepspeed": "0.19.8"}
