@@ -166,8 +166,8 @@ def build_record(s: Settings, plan: RunPlan, manifest: dict[str, Any], metrics: 
     }
 
 
-def publish(s: Settings, work: Path) -> dict[str, Any]:
-    """Publish work/final to the plan's target with its card and record; return the new record."""
+def publish(s: Settings, work: Path) -> tuple[dict[str, Any], RunPlan]:
+    """Publish work/final to the plan's target with its card and record; return the new record and the plan."""
     from model_card import render_card
 
     manifest = json.loads((work / "prepared" / "manifest.json").read_text())
@@ -192,7 +192,7 @@ def publish(s: Settings, work: Path) -> dict[str, Any]:
     (staged / "README.md").write_text(render_card(record, plan.target))
     _fsync_tree(staged)
     _swap_in(staged, root)
-    return record
+    return record, plan
 
 
 def _fsync_tree(root: Path) -> None:
@@ -226,9 +226,8 @@ def main(argv: list[str] | None = None) -> int:
             plan = plan_run(s)
             print(f"this run: {plan.describe()}")
             return EXIT_DONE if plan.done else 0
-        record = publish(s, Path(s.work_dir))
-        target = RunPlan(**json.loads((Path(s.work_dir) / "prepared" / "manifest.json").read_text())["plan"]).target
-        print(summary(record, target))
+        record, plan = publish(s, Path(s.work_dir))
+        print(summary(record, plan.target))
         return 0
     except BadInput as e:
         return report(e)
