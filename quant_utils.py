@@ -139,6 +139,13 @@ def _load(model_dir: Path, **kw):
     return AutoModelForCausalLM.from_pretrained(model_dir, device_map=device, **kw)
 
 
+def storage_dtype(precision: str):
+    """The float dtype weights are kept in for a run of `precision`: bf16 for bf16, else fp32."""
+    import torch
+
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
 def dequantized_weight(layer):
     """The float weight of a bitsandbytes 4-bit linear, as its own forward would use it."""
     import bitsandbytes as bnb
@@ -152,10 +159,9 @@ def dequantized_weight(layer):
 
 def convert(src: Path, dst: Path, to: str, compute: str) -> None:
     """Write the checkpoint `src` to `dst` as `to` ('nf4' or 'float'; float is bf16 when computing in bf16)."""
-    import torch
     from transformers import BitsAndBytesConfig
 
-    dtype = torch.bfloat16 if compute == "bf16" else torch.float32
+    dtype = storage_dtype(compute)
     if to == "nf4":
         model = _load(src, dtype=dtype, quantization_config=BitsAndBytesConfig(**bnb_config(compute)))
         _restore_scales(model, src)
@@ -213,18 +219,17 @@ def _restore_scales(model, float_dir: Path) -> None:
             module.weight.quant_state = state
 
 
-def add_lora(model, s: Settings, gradient_checkpointing: bool):
+def add_lora(model, s: Settings, gradient_checkpointing: bool, precision: str):
     """Freeze the 4-bit base and add trainable LoRA adapters on the settings' target projections.
 
     PEFT's prepare_model_for_kbit_training is not used: it upcasts every non-4-bit weight (norms,
     embeddings) to fp32, which turns the whole residual stream and its saved activations into fp32;
     measured on a 110M model, that made NF4 + LoRA need more memory than full bf16 training. Norms in
-    the compute dtype (bf16) are stable; fp16 keeps the upcast (fp16 norms overflow).
+    the compute dtype (bf16) are stable; an fp16 run (`precision`) keeps the upcast (fp16 norms overflow).
     """
-    import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    if getattr(model.config, "dtype", None) == torch.float16 or str(getattr(model.config, "dtype", "")) == "float16":
+    if precision == "fp16":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     else:
         for p in model.parameters():

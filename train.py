@@ -88,7 +88,7 @@ def build_trainer(s: Settings, prepared: Path, out: Path, precision: str, callba
         # every rank and DeepSpeed partitions the adapters' gradients and optimizer states.
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
         model = AutoModelForCausalLM.from_pretrained(prepared / "model", device_map={"": device}, attn_implementation="sdpa")
-        model = add_lora(model, s, ckpt)
+        model = add_lora(model, s, ckpt, precision)
     else:
         model = AutoModelForCausalLM.from_pretrained(prepared / "model", dtype=torch.float32, attn_implementation="sdpa")
     cpu = not torch.cuda.is_available()
@@ -243,11 +243,9 @@ def fit(s: Settings, work: Path) -> int:
 def merge_checked(peft_model, trainer, precision: str, adapter_loss: float, metrics: dict[str, Any]):
     """The adapters merged into a plain float model (quant_utils.to_float), refused when its
     validation loss strays from the adapter's by more than 0.5%: a merge must not lose the training."""
-    import torch
+    from quant_utils import storage_dtype, to_float
 
-    from quant_utils import to_float
-
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    dtype = storage_dtype(precision)
     merged = to_float(peft_model, dtype)
     merged_loss = validation_loss(merged, trainer.eval_dataset, trainer.data_collator, trainer.args.per_device_eval_batch_size, precision)
     delta = abs(merged_loss - adapter_loss) / adapter_loss
@@ -262,13 +260,14 @@ def merge_checked(peft_model, trainer, precision: str, adapter_loss: float, metr
 
 def save_final(model, tok, work: Path, precision: str, metrics: dict[str, Any]) -> None:
     """The trained model in HF layout (bf16 when trained in bf16, else fp32), written beside and renamed in."""
-    import torch
     from transformers import GenerationConfig
+
+    from quant_utils import storage_dtype
 
     staged, final = work / "final.tmp", work / "final"
     if staged.exists():
         shutil.rmtree(staged)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    dtype = storage_dtype(precision)
     state = {k: v.detach().to("cpu", dtype) for k, v in model.state_dict().items()}
     model.config.dtype = dtype
     model.config.use_cache = True

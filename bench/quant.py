@@ -87,7 +87,7 @@ def merge_fidelity(args, work: Path) -> dict:
     convert(work / "base", work / "nf4", "nf4", "bf16")
 
     def lora_model():
-        return add_lora(AutoModelForCausalLM.from_pretrained(work / "nf4", device_map={"": "cpu"}), s, False)
+        return add_lora(AutoModelForCausalLM.from_pretrained(work / "nf4", device_map={"": "cpu"}), s, False, "bf16")
 
     peft = lora_model()
     opt = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=1e-3)

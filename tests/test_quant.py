@@ -111,7 +111,7 @@ def _train_lora(nf4_dir: Path, targets: str, steps: int = 30):
     from transformers import AutoModelForCausalLM
 
     s = load_settings({"LORA_TARGETS": targets, "LORA_DROPOUT": "0"})
-    model = add_lora(AutoModelForCausalLM.from_pretrained(nf4_dir, device_map={"": "cpu"}), s, False)
+    model = add_lora(AutoModelForCausalLM.from_pretrained(nf4_dir, device_map={"": "cpu"}), s, False, "bf16")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
     torch.manual_seed(0)
     x = torch.randint(0, 200, (4, 32))
