@@ -35,6 +35,7 @@ bench: setup
 	$(PY) bench/prep_throughput.py
 	$(PY) bench/pipeline.py
 	$(PY) bench/quant.py
+	$(PY) bench/memory.py
 
 clean:
 	rm -rf work output

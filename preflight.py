@@ -4,8 +4,10 @@
 
 Sections: settings (every problem at once), run state (what this run will do, and that the model it
 continues from is there), data (the dataset of this stage readable, with the expected columns and
-row format), output (writable), hardware (GPU/CPU, bf16, memory, disk). Exit 0 when the run can go,
-2 when an input must be fixed. Loads no weights.
+row format), output (writable), hardware (GPUs with memory and bf16, CPU features, RAM), memory
+(the estimated peak of this run against the memory it has, and what would make it fit), disk
+(what the run writes against the free space). Exit 0 when the run can go, 2 when an input must be
+fixed. Loads no weights.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -93,7 +96,12 @@ def check_output(s: Settings) -> Check:
 def check_hardware(s: Settings) -> Check:
     import psutil
 
-    info: dict[str, Any] = {"cpu_count": os.cpu_count(), "cpu_bf16": cpu_has_bf16(),
+    try:
+        flags = set(re.search(r"^flags\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.M).group(1).split())
+    except (OSError, AttributeError):
+        flags = set()
+    features = [f for f in ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2") if f in flags]
+    info: dict[str, Any] = {"cpu_count": os.cpu_count(), "cpu_bf16": cpu_has_bf16(), "cpu_features": features,
                             "ram_bytes": psutil.virtual_memory().total,
                             "ram_available_bytes": psutil.virtual_memory().available}
     gpus = []
@@ -106,12 +114,104 @@ def check_hardware(s: Settings) -> Check:
     except ImportError:
         pass
     info["gpus"] = gpus
-    disk = shutil.disk_usage(next(q for q in [Path(s.work_dir).resolve(), *Path(s.work_dir).resolve().parents] if q.exists()))
-    info["disk_free_bytes"] = disk.free
     where = (", ".join(f"{g['name']} ({g['memory_bytes'] / 2**30:.0f} GiB{', bf16' if g['bf16'] else ''})" for g in gpus)
-             if gpus else f"CPU only, {info['cpu_count']} cores{' with bf16 (AMX/AVX512-bf16)' if info['cpu_bf16'] else ''}")
+             if gpus else f"CPU only, {info['cpu_count']} cores ({' '.join(features) or 'no AVX2'}"
+             f"{'; bf16 is fast' if info['cpu_bf16'] else '; no bf16 units: fp32'})")
     return Check("hardware", True, f"{where}; RAM {info['ram_available_bytes'] / 2**30:.1f} of "
-                 f"{info['ram_bytes'] / 2**30:.1f} GiB free; disk {disk.free / 2**30:.0f} GiB free", data=info)
+                 f"{info['ram_bytes'] / 2**30:.1f} GiB free", data=info)
+
+
+def _run_shape(s: Settings) -> tuple[dict[str, Any], Any, bool]:
+    """The architecture, plan and storage format (NF4 or not) of this run, as prep.py will make them."""
+    from util import plan_run
+
+    plan = plan_run(s)
+    return architecture(s), plan, s.use_quant and plan.source is not None
+
+
+def check_memory(s: Settings) -> Check:
+    """The estimated peak of this run (mem_estimate.py) against the memory it will have."""
+    import mem_estimate as me
+    from config import resolve_precision
+
+    arch, plan, nf4 = _run_shape(s)
+    if plan.done:
+        return Check("memory", True, "nothing to train: the pipeline is done")
+    available, gpu, gpus = me.available_memory()
+    world = me.world_size(s, gpus)
+    precision = resolve_precision(s)
+    p = me.plan(s, arch, precision, nf4=nf4, world=world, gpu=gpu, gpus=gpus, available=available,
+                first_run=plan.source is None)
+    est = p["estimate"]
+    where = f"per GPU ({gpus} GPU(s), {world} rank(s))" if gpu else f"RAM ({world} rank(s) on CPU)"
+    data = {"estimated_peak_bytes": est.peak_bytes, "available_bytes": available, "budget_bytes": p["budget_bytes"],
+            "fits": p["fits"], "gradient_checkpointing": p["checkpointing"], "precision": precision,
+            "train_format": "nf4" if nf4 else "float", **est.as_dict(), "suggestions": p["suggestions"]}
+    mode = (f"{'NF4 + LoRA r=' + str(s.lora_r) if nf4 else 'every weight'}, {precision}, batch {s.batch_size} x "
+            f"{s.max_length}, gradient checkpointing {'on' if p['checkpointing'] else 'off'}")
+    finding = (f"{mode}: needs about {me.gib(est.peak_bytes)} {where} of {me.gib(available)} free "
+               f"(weights {me.gib(est.per_rank['weights'])}, optimizer {me.gib(est.per_rank['optimizer_states'])}, "
+               f"activations {me.gib(est.per_rank['activations'])}, runtime {me.gib(est.runtime_bytes)})")
+    if p["fits"]:
+        return Check("memory", True, finding, data=data)
+    fixes = [f"{o['change']}: about {me.gib(o['estimated_peak_bytes'])}{'' if o['fits'] else ' (still too much)'}"
+             for o in p["suggestions"]]
+    if not any(o["fits"] for o in p["suggestions"]):
+        fixes.append("a smaller model (smaller TARGET_PARAMETERS / MODEL_SIZE), a shorter MAX_LENGTH, or more memory")
+    if plan.source is None:
+        fixes.append("USE_QUANT (NF4 + LoRA) applies from the second run on: the run that creates the model trains every weight.")
+    return Check("memory", False, "will not fit: " + finding, fixes, data=data)
+
+
+def _size_of(spec: str) -> int | None:
+    p = Path(spec).expanduser()
+    if p.is_file():
+        return p.stat().st_size
+    if p.is_dir():
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+    return None  # a Hub dataset: its size is not known before it is downloaded
+
+
+def disk_needed(s: Settings, rows: int | None) -> dict[str, int]:
+    """Bytes this run writes: the datasets cache (a local file is converted to Arrow once), the
+    prepared shard (token ids as int32 plus labels, ~2 tokens per 4 bytes of text), the models (the
+    prepared copy, the trained one, the published one and the previous publish kept until the new
+    one is in place) and the full-state checkpoint (weights, fp32 master, AdamW moments)."""
+    from config import count_parameters
+
+    arch, plan, nf4 = _run_shape(s)
+    n = count_parameters(arch)
+    spec = s.instruct_dataset if plan.inst else s.input_dataset
+    raw = _size_of(spec) or 0
+    shard = raw * min(1.0, s.shard_size / rows) if rows else raw
+    model = 2 * n
+    trainable = int(n * 0.05) if nf4 else n
+    return {"dataset_cache": int(raw * 1.5), "prepared_data": int(shard * 2.5),
+            "models": (4 * n if plan.source is None else model) + 3 * model,
+            "checkpoint": (int(n * 0.6) if nf4 else model) + 12 * trainable}
+
+
+def check_disk(s: Settings, rows: int | None = None) -> Check:
+    import mem_estimate as me
+
+    need = disk_needed(s, rows)
+    total = sum(need.values())
+    dirs = {Path(s.work_dir).resolve(), Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")).resolve()}
+    if is_local_target(s.output_repo):
+        dirs.add(local_path(s.output_repo))
+    frees = {}
+    for d in dirs:
+        existing = next(q for q in [d, *d.parents] if q.exists())
+        frees[str(d)] = shutil.disk_usage(existing).free
+    free = min(frees.values())
+    data = {"needed_bytes": total, "free_bytes": free, "needed": need, "free_by_path": frees}
+    parts = ", ".join(f"{k.replace('_', ' ')} {me.gib(v)}" for k, v in need.items())
+    if total * 1.1 > free:
+        low = min(frees, key=frees.get)
+        return Check("disk", False, f"needs about {me.gib(total)} ({parts}), {me.gib(free)} free at {low}",
+                     [f"Free space at {low}, or point WORK_DIR / HF_HOME / OUTPUT_REPO to a larger disk "
+                      "(a persistent /data volume on a Space)."], data)
+    return Check("disk", True, f"needs about {me.gib(total)} ({parts}); {me.gib(free)} free", data=data)
 
 
 def run_checks() -> list[Check]:
@@ -119,13 +219,21 @@ def run_checks() -> list[Check]:
     checks = [first]
     if s is None:
         return checks
-    steps: list[tuple[str, Callable[[Settings], Check]]] = [("run state", check_plan), ("data", check_data),
-                                                              ("output", check_output), ("hardware", check_hardware)]
-    for section, fn in steps:
+
+    def guarded(section: str, fn: Callable[[], Check]) -> Check:
         try:
-            checks.append(fn(s))
+            check = fn()
         except BadInput as e:
-            checks.append(Check(section, False, e.problems[0].split(":")[0] + ": cannot be used", e.problems))
+            check = Check(section, False, e.problems[0].split(":")[0] + ": cannot be used", e.problems)
+        checks.append(check)
+        return check
+
+    guarded("run state", lambda: check_plan(s))
+    data = guarded("data", lambda: check_data(s))
+    guarded("output", lambda: check_output(s))
+    guarded("hardware", lambda: check_hardware(s))
+    guarded("memory", lambda: check_memory(s))
+    guarded("disk", lambda: check_disk(s, data.data.get("rows")))
     return checks
 
 
@@ -137,8 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     checks = run_checks()
     ok = all(c.ok for c in checks)
     if args.json:
-        print(json.dumps({"ok": ok, "seconds": round(time.perf_counter() - t0, 2), "checks": [asdict(c) for c in checks]},
-                         default=str))
+        memory = next((c.data for c in checks if c.section == "memory"), {})
+        print(json.dumps({"ok": ok, "seconds": round(time.perf_counter() - t0, 2), "memory": memory,
+                          "checks": [asdict(c) for c in checks]}, default=str))
     else:
         for c in checks:
             print(f"[{'ok' if c.ok else 'FAIL'}] {c.section}: {c.finding}")

@@ -29,25 +29,18 @@ def log(msg: str) -> None:
         print(f"[train] {msg}", flush=True)
 
 
-def activation_bytes(arch: dict[str, Any], batch: int, seq: int, bytes_per_value: int) -> int:
-    """Activations kept for backward without checkpointing (Korthikanti et al. 2022, no dropout):
-    per layer ≈ seq·batch·d·(34/2 values) + 5·heads·seq²·batch/2 values, at `bytes_per_value` each;
-    plus the logits in fp32."""
-    d, L, h = arch["hidden_size"], arch["num_hidden_layers"], arch["num_attention_heads"]
-    per_layer = seq * batch * d * 17 + 2.5 * h * seq * seq * batch
-    return int(L * per_layer * bytes_per_value + 2 * seq * batch * arch["vocab_size"] * 4)
-
-
-def use_gradient_checkpointing(s: Settings, arch: dict[str, Any], precision: str) -> bool:
-    """auto: checkpoint when the activations would take more than half the free device memory."""
+def use_gradient_checkpointing(s: Settings, arch: dict[str, Any], precision: str, nf4: bool) -> bool:
+    """auto: on when this run's estimated peak (mem_estimate, as preflight reports it) would not fit
+    the memory free now without it."""
     if s.gradient_checkpointing != "auto":
         return s.gradient_checkpointing == "true"
-    import psutil
-    import torch
+    import mem_estimate as me
 
-    free = torch.cuda.mem_get_info()[0] if torch.cuda.is_available() else psutil.virtual_memory().available
-    need = activation_bytes(arch, s.batch_size, s.max_length, 4 if precision == "fp32" else 2)
-    return need > free / 2
+    available, gpu, gpus = me.available_memory()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if not gpu:  # every rank shares the RAM; what is free now is already net of the ranks started
+        available += world * me.RUNTIME_CPU_BYTES
+    return me.plan(s, arch, precision, nf4=nf4, world=world, gpu=gpu, gpus=gpus, available=available)["checkpointing"]
 
 
 def build_trainer(s: Settings, prepared: Path, out: Path, precision: str, callbacks: list):
@@ -81,7 +74,7 @@ def build_trainer(s: Settings, prepared: Path, out: Path, precision: str, callba
     manifest = json.loads((prepared / "manifest.json").read_text())
     tok = AutoTokenizer.from_pretrained(prepared / "tokenizer")
     train_ds, val_ds = load_from_disk(str(prepared / "train")), load_from_disk(str(prepared / "val"))
-    ckpt = use_gradient_checkpointing(s, manifest["architecture"], precision)
+    ckpt = use_gradient_checkpointing(s, manifest["architecture"], precision, manifest["train_format"] == "nf4")
     if manifest["train_format"] == "nf4":
         # The NF4 base loads as bitsandbytes 4-bit layers (its config.json carries the quantization
         # config); only the LoRA adapters train. Under ZeRO-2 the frozen 4-bit weights stay whole on

@@ -40,3 +40,16 @@ def test_quant_bench(env):
     assert 18_000_000 <= out["memory_model_parameters"] <= 22_000_000
     # Even this small, the 4-bit run needs less than full training.
     assert out["peak_mem_nf4_lora_bytes"] < out["peak_mem_full_bf16_adamw_bytes"]
+
+
+def test_memory_bench(env):
+    """The estimate against measured runs on a short setting: the keys the README reports, and each
+    case within 40% (the full benchmark's target is 25% over 3 sizes; tiny models are noisier)."""
+    out = _json(run([sys.executable, "bench/memory.py", "--sizes", "10M,20M", "--steps", "2", "--checkpointing", "on"],
+                    env, timeout=900))
+    assert len(out["cases"]) == 4 and len(out["table"]) == 4
+    assert {c["mode"] for c in out["cases"]} == {"bf16 full", "NF4+LoRA"}
+    for c in out["cases"]:
+        assert c["measured"]["training_peak_bytes"] > 0 and c["estimate"]["training_bytes"] > 0
+        assert abs(c["rel_error"]) <= 0.4, c
+    assert out["max_abs_rel_error"] == max(abs(c["rel_error"]) for c in out["cases"])

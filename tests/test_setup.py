@@ -65,11 +65,3 @@ def test_validate_setup_flags_a_wrong_pin(tmp_path, monkeypatch):
     assert not bad["ok"] and "pinned 0.0.1" in bad["finding"] and bad["fix"]
     missing = validate_setup.check_package("surely-not-installed-pkg", "1.0")
     assert not missing["ok"] and missing["finding"] == "not installed"
-
-
-def test_preflight_on_the_default_is_fast_and_green(env):
-    p = run(py("preflight.py", "--json"), env, timeout=60)
-    report = json.loads(p.stdout.strip().splitlines()[-1])
-    assert p.returncode == 0 and report["ok"], report
-    assert report["seconds"] <= 10
-    assert [c["section"] for c in report["checks"]] == ["settings", "run state", "data", "output", "hardware"]

@@ -1,0 +1,123 @@
+"""preflight.py: a healthy default passes in seconds; each injected problem flips its own check and
+says how to fix it; the memory estimate is in the JSON and suggests what would make a run fit."""
+
+from __future__ import annotations
+
+import json
+from collections import namedtuple
+
+import pytest
+
+from conftest import py, run
+
+
+def _report(env: dict[str, str], *args: str):
+    p = run(py("preflight.py", "--json", *args), env, timeout=60)
+    report = json.loads(p.stdout.strip().splitlines()[-1])
+    return p.returncode, report, {c["section"]: c for c in report["checks"]}
+
+
+def test_default_passes_fast_with_a_memory_estimate(env):
+    rc, report, checks = _report(env)
+    assert rc == 0 and report["ok"], report
+    assert report["seconds"] <= 10
+    assert list(checks) == ["settings", "run state", "data", "output", "hardware", "memory", "disk"]
+    mem = report["memory"]
+    assert 0 < mem["estimated_peak_bytes"] < mem["available_bytes"] and mem["fits"]
+    assert mem["estimated_peak_bytes"] == mem["runtime_bytes"] + mem["training_bytes"]
+    assert checks["disk"]["data"]["needed_bytes"] > 0
+    assert "cpu_features" in checks["hardware"]["data"]
+
+
+def test_readable_report_marks_each_section(env):
+    p = run(py("preflight.py"), env, timeout=60)
+    assert p.returncode == 0
+    for section in ("settings", "run state", "data", "output", "hardware", "memory", "disk"):
+        assert f"[ok] {section}:" in p.stdout
+    assert "the run can go" in p.stdout
+
+
+@pytest.mark.parametrize("var, value, section, fix", [
+    ("BATCH_SIZE", "zero", "settings", "BATCH_SIZE"),
+    ("INPUT_DATASET", "someone/no-such-dataset", "data", "Fix"),
+    ("INPUT_DATASET", "/nonexistent/corpus.jsonl", "data", "check the path"),
+    ("TEXT_COLUMN", "body", "data", "TEXT_COLUMN"),
+])
+def test_an_injected_problem_flips_its_check_with_the_fix(env, var, value, section, fix):
+    env[var] = value
+    rc, report, checks = _report(env)
+    assert rc == 2 and not report["ok"]
+    assert not checks[section]["ok"]
+    assert any(fix in f for f in checks[section]["fixes"]), checks[section]
+    assert all(c["ok"] for name, c in checks.items() if name != section), checks
+
+
+def _in_process(env: dict[str, str], monkeypatch) -> None:
+    for k in list(__import__("os").environ):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+
+
+def test_too_little_disk_fails_the_disk_check(env, monkeypatch):
+    import preflight
+
+    _in_process(env, monkeypatch)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
+    checks = {c.section: c for c in preflight.run_checks()}
+    assert not checks["disk"].ok and "free" in checks["disk"].finding
+    assert any("WORK_DIR" in f for f in checks["disk"].fixes)
+    assert all(c.ok for name, c in checks.items() if name != "disk")
+
+
+def test_a_model_too_large_for_memory_fails_with_what_would_fit(env, monkeypatch):
+    import mem_estimate
+    import preflight
+
+    env.update({"TARGET_PARAMETERS": "3B", "BATCH_SIZE": "32", "MAX_LENGTH": "2048"})
+    _in_process(env, monkeypatch)
+    monkeypatch.setattr(mem_estimate, "available_memory", lambda: (16 * 2**30, False, 0))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(preflight.shutil, "disk_usage", lambda p: usage(2**50, 0, 2**50))  # disk is not the point
+    checks = {c.section: c for c in preflight.run_checks()}
+    mem = checks["memory"]
+    assert not mem.ok and "will not fit" in mem.finding
+    assert mem.data["estimated_peak_bytes"] > 16 * 2**30
+    # The first run creates the model and trains every weight: the fix is a smaller model, not USE_QUANT.
+    assert any("smaller TARGET_PARAMETERS" in f for f in mem.fixes)
+    assert any("GRADIENT_CHECKPOINTING=true" in f for f in mem.fixes)
+    assert all(c.ok for name, c in checks.items() if name != "memory")
+
+
+def test_suggestions_carry_their_own_estimates():
+    """A later run (USE_QUANT applies): every suggestion is estimated, each lowers the peak, and
+    4-bit + LoRA with checkpointing makes a 1B model fit 16 GiB of RAM where full training cannot."""
+    import mem_estimate
+    from config import architecture, load_settings
+
+    s = load_settings({"TARGET_PARAMETERS": "1B", "BATCH_SIZE": "16", "MAX_LENGTH": "1024"})
+    p = mem_estimate.plan(s, architecture(s), "bf16", nf4=False, world=1, gpu=False, gpus=0, available=16 * 2**30)
+    assert not p["fits"] and p["checkpointing"]  # auto turned it on and it still does not fit
+    by = {o["change"].split(" (")[0]: o for o in p["suggestions"]}
+    assert by["USE_QUANT=true"]["fits"]
+    assert all(o["estimated_peak_bytes"] < p["estimate"].peak_bytes for o in p["suggestions"])
+    assert any(k.startswith("BATCH_SIZE=") for k in by)
+
+
+def test_estimate_scales_as_it_should():
+    """The figures move the right way: ZeRO-2 splits the optimizer across GPUs, NF4 shrinks the
+    weights, checkpointing shrinks the activations, the batch grows them linearly."""
+    from config import architecture, load_settings
+    from mem_estimate import estimate
+
+    arch = architecture(load_settings({"TARGET_PARAMETERS": "500M"}))
+    base = dict(precision="bf16", batch=8, seq=1024, checkpointing=False, nf4=False, gpu=True)
+    one, two = estimate(arch, **base, world=1), estimate(arch, **base, world=2)
+    assert two.per_rank["optimizer_states"] * 2 == pytest.approx(one.per_rank["optimizer_states"], rel=1e-6)
+    q = estimate(arch, **{**base, "nf4": True})
+    assert q.per_rank["weights"] < one.per_rank["weights"] / 3 and q.per_rank["optimizer_states"] < one.per_rank["optimizer_states"] / 20
+    c = estimate(arch, **{**base, "checkpointing": True})
+    assert c.per_rank["activations"] < one.per_rank["activations"] / 4
+    b16 = estimate(arch, **{**base, "batch": 16})
+    assert b16.per_rank["activations"] == pytest.approx(2 * one.per_rank["activations"], rel=0.01)
