@@ -227,8 +227,17 @@ def add_lora(model, s: Settings, gradient_checkpointing: bool, precision: str):
     measured on a 110M model, that made NF4 + LoRA need more memory than full bf16 training. Norms in
     the compute dtype (bf16) are stable; an fp16 run (`precision`) keeps the upcast (fp16 norms overflow).
     """
+    import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    # On a CPU with AVX512-bf16, bitsandbytes repacks a 4-bit weight for its inference kernel at the
+    # first forward in eval mode (the validation before training) and from then on computes that
+    # layer with an op that passes no gradient to its input: every LoRA below it would train on a
+    # truncated gradient. Measured on a 3.2M model: validation loss 4.29 with the repacking vs 4.16
+    # without after one 41-step shard. Layers being trained keep the standard path.
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
     if precision == "fp16":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     else:
