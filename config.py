@@ -230,6 +230,14 @@ class Settings(BaseSettings):
     input_repo: str | None = _env("INPUT_REPO", default=None,
                                   description="Model the first instruct run starts from (default: OUTPUT_REPO).")
     hf_token: SecretStr | None = _env("HF_TOKEN", default=None, description="Hugging Face token (write access), needed for a Hub OUTPUT_REPO.")
+    private: bool = _env("PRIVATE", default=True, description="Create Hub repos private (false: public). Existing repos keep their visibility.")
+    hub_retries: int = _env("HUB_RETRIES", default=8, ge=0, le=50,
+                            description="Retries of a Hub call on transient errors (5xx, 429, timeouts, dropped connections).")
+    hub_retry_wait: float = _env("HUB_RETRY_WAIT", default=2.0, ge=0, le=600,
+                                 description="Seconds before the first retry; doubled each time (with jitter, at most 60 s); a 429's Retry-After wins.")
+    hub_timeout: float = _env("HUB_TIMEOUT", default=120.0, gt=0, description="Seconds a Hub request may stall before it counts as a timeout.")
+    space_id: str | None = _env("SPACE_ID", default=None,
+                                description="Set by Hugging Face Spaces: the Space this runs in. Then INIT/INST are written back to its variables after each publish, and it is paused when the pipeline is done.")
     work_dir: str = _env("WORK_DIR", default="./work", description="Scratch directory: prepared data and the trained model before it is published.")
 
     # --- time --------------------------------------------------------------------------------------
@@ -300,6 +308,9 @@ def _cross_checks(s: Settings) -> list[str]:
         elif s.hf_token is None or not s.hf_token.get_secret_value():
             problems.append(f"OUTPUT_REPO={s.output_repo!r} is a Hub repo but HF_TOKEN is not set. "
                             "Fix: set the secret HF_TOKEN to a token with write access, or use a local OUTPUT_REPO.")
+    if s.space_id and (s.hf_token is None or not s.hf_token.get_secret_value()):
+        problems.append(f"SPACE_ID={s.space_id!r}: running in a Space, which needs HF_TOKEN to write INIT/INST back to its "
+                        "variables and to pause it when done. Fix: add the secret HF_TOKEN (write access) in the Space settings.")
     if s.input_repo is not None and not is_local_target(s.input_repo) and not HUB_ID.fullmatch(s.input_repo):
         problems.append(f"INPUT_REPO={s.input_repo!r}: neither a local path nor a Hub repo id (owner/name).")
     unknown = [t for t in s.lora_targets.split(",") if t.strip() not in LORA_MODULES]

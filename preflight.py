@@ -79,18 +79,27 @@ def check_data(s: Settings) -> Check:
 
 
 def check_output(s: Settings) -> Check:
-    if not is_local_target(s.output_repo):
-        return Check("output", False, f"OUTPUT_REPO={s.output_repo}: Hub publishing is not available in this version",
-                     ["Use a local OUTPUT_REPO such as ./output/llama."])
+    """The output location writable: local directories, or on the Hub the token valid, not read-only,
+    and allowed to write OUTPUT_REPO and OUTPUT_REPO-it (and, in a Space, the Space's variables)."""
     problems = []
-    for target in (s.output_repo, f"{s.output_repo}-it", s.work_dir):
+    targets = [s.work_dir] + ([s.output_repo, f"{s.output_repo}-it"] if is_local_target(s.output_repo) else [])
+    for target in targets:
         p = local_path(target) if target != s.work_dir else Path(target).resolve()
         parent = next(q for q in [p, *p.parents] if q.exists())
         if not os.access(parent, os.W_OK):
             problems.append(f"{p}: not writable (nearest existing directory {parent}). Fix: choose a writable OUTPUT_REPO / WORK_DIR.")
+    if not is_local_target(s.output_repo) or s.space_id:
+        from util import hub
+
+        repos = [] if is_local_target(s.output_repo) else [s.output_repo, f"{s.output_repo}-it"]
+        problems += hub(s).check_access(repos)
     if problems:
-        return Check("output", False, "output location not writable", problems)
-    return Check("output", True, f"writable: {local_path(s.output_repo)} (instruct: {local_path(s.output_repo)}-it)")
+        return Check("output", False, "cannot publish there", problems)
+    if is_local_target(s.output_repo):
+        where = f"{local_path(s.output_repo)} (instruct: {local_path(s.output_repo)}-it)"
+    else:
+        where = f"Hub repos {s.output_repo} and {s.output_repo}-it ({'private' if s.private else 'public'} when created)"
+    return Check("output", True, f"writable: {where}" + (f"; Space {s.space_id} variables writable" if s.space_id else ""))
 
 
 def check_hardware(s: Settings) -> Check:
@@ -221,10 +230,14 @@ def run_checks() -> list[Check]:
         return checks
 
     def guarded(section: str, fn: Callable[[], Check]) -> Check:
+        from util import HubError
+
         try:
             check = fn()
         except BadInput as e:
             check = Check(section, False, e.problems[0].split(":")[0] + ": cannot be used", e.problems)
+        except HubError as e:
+            check = Check(section, False, "the Hub did not answer", [str(e)])
         checks.append(check)
         return check
 

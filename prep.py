@@ -12,21 +12,23 @@ Bad input exits 2 before anything is written.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import re
 import shutil
+import sys
 import time
 import uuid
 from pathlib import Path
 from dataclasses import asdict
 from typing import Any, Iterable
 
-from config import (BadInput, Settings, architecture, count_parameters, load_settings, local_path, report,
+from config import (BadInput, Settings, architecture, count_parameters, load_settings, report,
                     resolve_precision)
 from quant_utils import convert, verify_checkpoint
-from util import RunPlan, plan_run
+from util import HubError, RunPlan, materialize, plan_run
 
 BOS, EOS, PAD, UNK = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>", "<|unk|>"
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
@@ -278,10 +280,48 @@ def build_model(s: Settings, tok, out: Path) -> dict[str, Any]:
     return arch
 
 
-def take_model(source: str, out: Path, want: str, compute: str, fmt: dict[str, Any]) -> dict[str, Any]:
-    """The published model of `source` in `out`, in the format this run trains (`want`: 'nf4' | 'float'):
-    linked when it already is, converted otherwise. Returns its architecture."""
-    src = local_path(source)
+def data_fingerprint(seqs: list[list[int]]) -> str:
+    """sha256 of the training sequences in order: a resumed shard must see exactly the same data."""
+    import numpy as np
+
+    h = hashlib.sha256()
+    for seq in seqs:
+        h.update(np.asarray(seq, dtype=np.int32).tobytes())
+        h.update(b"|")
+    return h.hexdigest()
+
+
+def fetch_checkpoint(s: Settings, plan: RunPlan, out: Path) -> Path:
+    """The published last-checkpoint/ of the plan's target in `out` (linked or copied locally,
+    downloaded from the Hub)."""
+    from config import is_local_target, local_path
+
+    if is_local_target(plan.target):
+        src = local_path(plan.target) / "last-checkpoint"
+    else:
+        from util import hub
+
+        src = hub(s).download(plan.target, Path(s.work_dir) / "hub", allow=["last-checkpoint/*"]) / "last-checkpoint"
+    if not (src / "trainer_state.json").exists():
+        raise BadInput([f"{plan.target}/last-checkpoint: the record says to resume at step {plan.resume['step']}, but "
+                        "the checkpoint is missing or incomplete. Fix: delete the \"resume\" entry of training_state.json "
+                        "there to train the shard anew."])
+    shutil.copytree(src, out, copy_function=_link_or_copy)
+    log(f"checkpoint: resuming {plan.stage} shard {plan.shard} at step {plan.resume['step']} "
+        f"(stopped by {plan.resume.get('stop_reason', 'an interruption')})")
+    return out
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def take_model(src: Path, out: Path, want: str, compute: str, fmt: dict[str, Any]) -> dict[str, Any]:
+    """The published model in `src` (a local directory) in `out`, in the format this run trains
+    (`want`: 'nf4' | 'float'): linked when it already is, converted otherwise. Returns its architecture."""
     if fmt["format"] == want:
         out.mkdir(parents=True)
         for f in src.iterdir():
@@ -318,7 +358,8 @@ def prepare(s: Settings, plan: RunPlan) -> dict[str, Any]:
     t0 = time.perf_counter()
     # The checkpoint this run continues from is checked first (headers only): a broken one stops the
     # run before any data is read.
-    source_format = verify_checkpoint(local_path(plan.source)) if plan.source is not None else None
+    source_dir = materialize(plan.source, s) if plan.source is not None else None
+    source_format = verify_checkpoint(source_dir) if source_dir is not None else None
     # USE_QUANT trains LoRA on a frozen NF4 base; a first pretraining run has no base worth freezing.
     train_format = "nf4" if s.use_quant and plan.source is not None else "float"
     if s.use_quant and plan.source is None:
@@ -341,14 +382,18 @@ def prepare(s: Settings, plan: RunPlan) -> dict[str, Any]:
     staged = work / f"prepared.tmp-{uuid.uuid4().hex[:8]}"
     try:
         staged.mkdir(parents=True)
-        if plan.source is None:
+        checkpoint = fetch_checkpoint(s, plan, staged / "checkpoint") if plan.resume else None
+        if plan.source is None and checkpoint is not None:
+            tok = AutoTokenizer.from_pretrained(checkpoint)
+            log(f"tokenizer: the one of the checkpoint being resumed ({len(tok)} tokens)")
+        elif plan.source is None:
             log(f"training a byte-level BPE tokenizer (vocab {s.vocab_size}) on up to {s.tokenizer_sample_mb:g} MB of {var}")
             sample = sample_for_tokenizer(ds, s.text_column, int(s.tokenizer_sample_mb * 1e6))
             tok = train_tokenizer(sample, s.vocab_size, s.max_length)
         else:
-            if not (local_path(plan.source) / "tokenizer.json").exists():
+            if not (source_dir / "tokenizer.json").exists():
                 raise BadInput([f"{plan.source}: no tokenizer.json beside the model. Fix: publish the model with its tokenizer."])
-            tok = AutoTokenizer.from_pretrained(local_path(plan.source))
+            tok = AutoTokenizer.from_pretrained(source_dir)
             if plan.inst and not tok.chat_template:
                 raise BadInput([f"{plan.source}: its tokenizer has no chat template, so chats cannot be rendered. "
                                 "Fix: start from a model this pipeline pretrained (its tokenizer carries the template)."])
@@ -373,6 +418,12 @@ def prepare(s: Settings, plan: RunPlan) -> dict[str, Any]:
         train_idx, val_idx = split_indices(len(seqs), s.val_fraction, s.seed + plan.shard)
         for name, idx in (("train", train_idx), ("val", val_idx)):
             to_dataset([seqs[i] for i in idx], [seq_labels[i] for i in idx] if seq_labels else None).save_to_disk(staged / name)
+        fingerprint = data_fingerprint([seqs[i] for i in train_idx])
+        if plan.resume and plan.resume.get("data_fingerprint") not in (None, fingerprint):
+            raise BadInput([f"{var}: shard {plan.shard} is not the data the checkpoint in {plan.target}/last-checkpoint was "
+                            f"trained on (its training sequences changed since step {plan.resume['step']}), so resuming "
+                            "would skip or repeat data. Fix: restore the dataset and settings of that run (SHARD_SIZE, "
+                            "MAX_LENGTH, VAL_FRACTION, SEED), or delete last-checkpoint/ there to train the shard anew."])
         log(f"{n_docs} {'chats' if plan.inst else 'documents'} -> {tokens:,} tokens in {len(seqs)} sequences "
             f"({len(train_idx)} train / {len(val_idx)} val), {raw_bytes / 1e6 / max(dt, 1e-9):.1f} MB/s")
 
@@ -382,7 +433,7 @@ def prepare(s: Settings, plan: RunPlan) -> dict[str, Any]:
                 f"(d={arch['hidden_size']}, layers={arch['num_hidden_layers']}, heads={arch['num_attention_heads']}/{arch['num_key_value_heads']} kv, "
                 f"mlp={arch['intermediate_size']}, vocab={arch['vocab_size']})")
         else:
-            arch = take_model(plan.source, staged / "model", train_format, precision, source_format)
+            arch = take_model(source_dir, staged / "model", train_format, precision, source_format)
             if arch["vocab_size"] != len(tok):
                 raise BadInput([f"{plan.source}: the model's vocabulary ({arch['vocab_size']}) differs from its tokenizer's "
                                 f"({len(tok)}). Fix: publish the model and tokenizer together."])
@@ -397,6 +448,8 @@ def prepare(s: Settings, plan: RunPlan) -> dict[str, Any]:
             "architecture": arch, "parameters": count_parameters(arch),
             "train_format": train_format, "source_format": source_format,
             "prep_seconds": time.perf_counter() - t0,
+            "data_fingerprint": fingerprint,
+            **({"resume": {"checkpoint": "checkpoint", **plan.resume}} if checkpoint is not None else {}),
         }
         (staged / "manifest.json").write_text(json.dumps(manifest, indent=2))
         final = work / "prepared"
@@ -427,6 +480,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except BadInput as e:
         return report(e)
+    except HubError as e:
+        print(f"Hub: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -4,16 +4,20 @@
 
 Reads WORK_DIR/prepared (from prep.py), evaluates the validation split before and after training,
 and writes WORK_DIR/final: the model in standard Hugging Face layout (safetensors), tokenizer,
-generation config, TensorBoard traces in runs/, and metrics.json. A run stopped by the time budget
-publishes nothing and leaves the state where it was (exit 3).
+generation config, TensorBoard traces in runs/, and metrics.json. A run stopped by its time budget or
+by SIGTERM/SIGINT stops every rank at the same step and writes instead WORK_DIR/final/last-checkpoint
+(the full training state) with a metrics.json marked partial; util.py publishes it and the next run
+resumes there. Exit 0 in both cases.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -21,7 +25,9 @@ from typing import Any
 
 from config import EXIT_BAD_INPUT, BadInput, Settings, deepspeed_config, load_settings, report, resolve_precision
 
-EXIT_OUT_OF_TIME = 3
+
+
+DATA_ORDER = "data_order.json"
 
 
 def log(msg: str) -> None:
@@ -54,6 +60,24 @@ def build_trainer(s: Settings, prepared: Path, out: Path, precision: str, callba
     from quant_utils import add_lora
 
     class Trainer(SFTTrainer):
+        # One digest per micro-batch, in training order (a resumed shard starts with the digests of
+        # the steps before the interruption, carried in the checkpoint): runs/data_order.json shows
+        # that a chain of runs trained on exactly the batches of one uninterrupted run.
+        batch_digests: list[str] = []
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            ids = inputs["input_ids"].detach().cpu().numpy().tobytes()
+            self.batch_digests.append(hashlib.sha1(ids).hexdigest()[:16])
+            return super().training_step(model, inputs, num_items_in_batch)
+
+        def _save_checkpoint(self, model, trial):
+            super()._save_checkpoint(model, trial)
+            if self.is_world_process_zero():
+                from transformers.trainer_utils import get_last_checkpoint
+
+                last = get_last_checkpoint(self.args.output_dir)
+                Path(last, DATA_ORDER).write_text(json.dumps(self.batch_digests))
+
         # TRL's default loss also computes per-token entropy and accuracy metrics; on CPU that halved
         # throughput (measured 1.2k vs 2.3k tokens/s on a 22M model). Here: the decoder's hidden
         # states, then lm_loss's chunked head + cross-entropy (no full logits). The decoder is called
@@ -119,6 +143,8 @@ def build_trainer(s: Settings, prepared: Path, out: Path, precision: str, callba
     )
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds, processing_class=tok,
                       callbacks=callbacks)
+    earlier = prepared / "checkpoint" / DATA_ORDER
+    trainer.batch_digests = json.loads(earlier.read_text()) if earlier.exists() else []
     return trainer, tok, ckpt
 
 
@@ -144,30 +170,49 @@ def validation_loss(model, dataset, collator, batch_size: int, precision: str) -
     return total / max(count, 1)
 
 
-def make_budget_callback(budget_s: float):
+# Set by SIGTERM/SIGINT: the trainer stops at the end of the current step, saves the full state and
+# publishes it, as when the time budget runs out.
+STOP: dict[str, str | None] = {"signal": None}
+
+
+def _on_signal(signum, frame) -> None:
+    STOP["signal"] = signal.Signals(signum).name
+
+
+def run_started() -> float:
+    """When this run started (epoch seconds): RUN_STARTED_AT, set by trainer.sh at the start of the
+    run (the container's start in a Space), else now."""
+    return float(os.environ.get("RUN_STARTED_AT") or time.time())
+
+
+def make_budget_callback(started: float, until: float):
     from transformers import TrainerCallback
 
     class TimeBudget(TrainerCallback):
-        """Stop at the end of the step that crosses the budget (every rank sees the same clock decision
-        because the flag is agreed through DeepSpeed's barrier at the next step boundary)."""
+        """At the end of each step: past the deadline, or a stop signal received? Then every rank
+        stops at this same step (the decision is all-reduced) and the trainer saves its full state
+        (model or adapters, optimizer, scheduler, RNG states, step) before leaving the loop."""
 
         def __init__(self) -> None:
-            self.start = time.monotonic()
-            self.stopped = False
+            self.stopped: str | None = None
+            self.first_step_s: float | None = None  # from the run's start to the end of its first step
 
         def on_step_end(self, args, state, control, **kw):
             import torch.distributed as dist
 
-            over = time.monotonic() - self.start > budget_s
+            if self.first_step_s is None:
+                self.first_step_s = time.time() - started
+            why = 2.0 if STOP["signal"] else (1.0 if time.time() > until else 0.0)
             if dist.is_available() and dist.is_initialized():
                 import torch
 
-                flag = torch.tensor([1.0 if over else 0.0])
+                flag = torch.tensor([why])
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                over = bool(flag.item())
-            if over:
-                self.stopped = True
+                why = float(flag.item())
+            if why and state.global_step < state.max_steps:
+                self.stopped = "a stop signal" if why == 2.0 else "the time budget"
                 control.should_training_stop = True
+                control.should_save = True
             return control
 
     return TimeBudget()
@@ -176,33 +221,55 @@ def make_budget_callback(budget_s: float):
 def fit(s: Settings, work: Path) -> int:
     """Train the prepared shard and write WORK_DIR/final; returns the exit code."""
     import torch
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # weight loading/saving bars; the trainer keeps its own
 
     prepared = work / "prepared"
     manifest = json.loads((prepared / "manifest.json").read_text())
     precision = resolve_precision(s)
-    budget = make_budget_callback(s.time_budget_s())
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _on_signal)
+    started = run_started()
+    until = started + s.time_budget_s()
+    budget = make_budget_callback(started, until)
     trainer, tok, ckpt = build_trainer(s, prepared, work, precision, [budget])
     world = trainer.args.world_size
     plan = manifest["plan"]
+    resume = manifest.get("resume")
     log(f"{plan['stage']} shard {plan['shard']}: {manifest['train_sequences']} train / {manifest['val_sequences']} val "
         f"sequences of <= {s.max_length} tokens; precision {precision}; {world} rank(s) on "
         f"{'GPU' if torch.cuda.is_available() else 'CPU'}; ZeRO-2; gradient checkpointing {'on' if ckpt else 'off'}; "
-        f"time budget {s.time_budget_s() / 60:.0f} min")
+        f"{max(0.0, until - time.time()) / 60:.1f} min of the time budget left")
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     if manifest["train_format"] == "nf4":
         log(f"NF4 base + LoRA r={s.lora_r} alpha={s.lora_alpha:g} on {s.lora_targets}: {trainable:,} trainable parameters")
     else:
         log(f"training every weight: {trainable:,} parameters")
 
-    before = validation_loss(trainer.model, trainer.eval_dataset, trainer.data_collator, s.batch_size, precision)
-    log(f"validation loss before training: {before:.4f}")
+    if resume:
+        before = float(resume["eval_loss_before"])
+        log(f"resuming at step {resume['step']} of this shard from the published checkpoint "
+            f"(validation loss before the shard: {before:.4f})")
+    else:
+        before = validation_loss(trainer.model, trainer.eval_dataset, trainer.data_collator, s.batch_size, precision)
+        log(f"validation loss before training: {before:.4f}")
     t0 = time.perf_counter()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=str(prepared / "checkpoint") if resume else None)
     runtime = time.perf_counter() - t0
     if budget.stopped:
-        log(f"stopped by the time budget after {trainer.state.global_step} steps: the shard is not finished, "
-            "nothing is published and the state stays where it was")
-        return EXIT_OUT_OF_TIME
+        step = trainer.state.global_step
+        log(f"stopped by {budget.stopped} at step {step} of {trainer.state.max_steps}: saving the full training state "
+            "to publish as last-checkpoint/ (the next run resumes here; the state does not advance)")
+        if trainer.is_world_process_zero():
+            save_checkpoint(trainer, work, {
+                "run_id": manifest["run_id"], "partial": True, "data_fingerprint": manifest["data_fingerprint"], "stop_reason": budget.stopped, "step": step,
+                "max_steps": trainer.state.max_steps, "eval_loss_before": before,
+                "samples_seen": step * s.batch_size * s.gradient_accumulation_steps * world,
+                "tokens": int(trainer.state.num_input_tokens_seen), "train_runtime_s": runtime,
+                "first_step_s": budget.first_step_s})
+        trainer.accelerator.wait_for_everyone()
+        return 0
     after = validation_loss(trainer.accelerator.unwrap_model(trainer.model_wrapped), trainer.eval_dataset,
                             trainer.data_collator, s.batch_size, precision)
     tokens = int(trainer.state.num_input_tokens_seen)
@@ -221,10 +288,15 @@ def fit(s: Settings, work: Path) -> int:
         "gradient_checkpointing": ckpt,
         "train_format": manifest["train_format"],
         "trainable_parameters": trainable,
+        "first_step_s": budget.first_step_s,
+        **({"resumed_from_step": int(resume["step"]), "first_resumed_step_s": budget.first_step_s} if resume else {}),
     }
     log(f"validation loss after training: {after:.4f} (perplexity {metrics['perplexity']:.2f}); "
         f"{metrics['steps']} steps, {tokens:,} tokens in {runtime:.0f} s ({metrics['tokens_per_s']:,.0f} tokens/s)")
+    metrics["data_order_sha256"] = hashlib.sha256(json.dumps(trainer.batch_digests).encode()).hexdigest()
     if trainer.is_world_process_zero():
+        (work / "runs").mkdir(parents=True, exist_ok=True)
+        (work / "runs" / DATA_ORDER).write_text(json.dumps(trainer.batch_digests))
         model = trainer.accelerator.unwrap_model(trainer.model_wrapped)
         if manifest["train_format"] == "nf4":
             model = merge_checked(model, trainer, precision, after, metrics)
@@ -249,6 +321,26 @@ def merge_checked(peft_model, trainer, precision: str, adapter_loss: float, metr
                            f"{adapter_loss:.4f}: not publishing a merge that lost the training")
     metrics.update({"merged_eval_loss": merged_loss, "merge_delta_pct": delta * 100})
     return merged
+
+
+def save_checkpoint(trainer, work: Path, metrics: dict[str, Any]) -> None:
+    """WORK_DIR/final = the trainer's full-state checkpoint (model or adapters, DeepSpeed's optimizer
+    and fp32 master weights, scheduler, RNG states, trainer state) as last-checkpoint/, beside a
+    metrics.json that marks the run partial. Written beside and renamed in."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    src = get_last_checkpoint(str(work / "trainer"))
+    if src is None:
+        raise RuntimeError(f"the trainer saved no checkpoint under {work / 'trainer'}")
+    staged, final = work / "final.tmp", work / "final"
+    if staged.exists():
+        shutil.rmtree(staged)
+    staged.mkdir()
+    shutil.copytree(src, staged / "last-checkpoint")
+    (staged / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    staged.rename(final)
 
 
 def save_final(model, tok, work: Path, precision: str, metrics: dict[str, Any]) -> None:
@@ -286,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (work / "prepared" / "manifest.json").exists():
         print(f"{work / 'prepared'}: no prepared data. Fix: run prep.py first (trainer.sh does).", file=sys.stderr)
         return EXIT_BAD_INPUT
-    for stale in ("final", "runs"):
+    for stale in ("final", "runs", "trainer"):
         if int(os.environ.get("RANK", "0")) == 0 and (work / stale).exists():
             shutil.rmtree(work / stale)
     return fit(s, work)

@@ -3,8 +3,13 @@
 #
 # Locally, runs follow one another until the pipeline is done or MAX_RUNS runs have finished.
 # An explicit INIT/INST applies to the first run only; later runs follow the published record.
-# Exit codes: 0 done or MAX_RUNS reached; 2 bad input (nothing written); 3 stopped by the time
-# budget (state unchanged); other non-zero: a runtime failure (the published output stays valid).
+# In a Space (SPACE_ID set) each container start is one run: it publishes, writes INIT/INST back
+# to the Space's variables (which restarts it), and pauses the Space when the pipeline is done.
+# A run that reaches its time budget, or gets SIGTERM/SIGINT, stops every rank at the same step,
+# publishes its full-state checkpoint (last-checkpoint/) and the next run resumes there.
+# Exit codes: 0 done, MAX_RUNS reached, or (in a Space) the run published; 2 bad input (nothing
+# written); 3 stopped by a signal after publishing the checkpoint (state unchanged); other non-zero:
+# a runtime failure (the published output stays valid).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -13,8 +18,23 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-true
 export HF_HUB_DISABLE_TELEMETRY=1
 
 child=0
-forward() {  # signals reach the Python process (and, through the launcher, every rank)
-  if [ "$child" -ne 0 ]; then kill -s "$1" "$child" 2>/dev/null || true; fi
+current=""
+stopping=0
+descendants() {
+  local c
+  for c in $(pgrep -P "$1" 2>/dev/null); do echo "$c"; descendants "$c"; done
+}
+forward() {  # signals reach the Python process; in training, each rank (the launcher would kill them)
+  stopping=1
+  if [ "$child" -eq 0 ]; then return 0; fi
+  if [ "$current" = "train" ]; then
+    local p
+    for p in $(descendants "$child"); do
+      if tr '\0' ' ' < "/proc/$p/cmdline" 2>/dev/null | grep -q -- '--local_rank'; then kill -s "$1" "$p" 2>/dev/null || true; fi
+    done
+  else
+    kill -s "$1" "$child" 2>/dev/null || true
+  fi
 }
 trap 'forward TERM' TERM
 trap 'forward INT' INT
@@ -26,6 +46,7 @@ phase() {
   local name=$1 start rc
   shift
   banner "$name"
+  current=${name%% *}
   start=$(date +%s)
   "$@" &
   child=$!
@@ -36,6 +57,7 @@ phase() {
   while kill -0 "$child" 2>/dev/null; do wait "$child"; rc=$?; done
   set -e
   child=0
+  current=""
   printf -- '--- %s: %s in %ss\n' "$name" "$([ "$rc" -eq 0 ] && echo done || echo "failed (exit $rc)")" "$(( $(date +%s) - start ))"
   return "$rc"
 }
@@ -48,7 +70,8 @@ phase "preflight" "$PY" preflight.py
 phase "validate setup" "$PY" validate_setup.py
 
 # Settings come from the environment and CONFIG_FILE alike: ask config.py, not the environment.
-{ read -r max_runs; read -r nproc_; } < <("$PY" config.py get MAX_RUNS NUM_PROCESSES)
+{ read -r max_runs; read -r nproc_; read -r space; } < <("$PY" config.py get MAX_RUNS NUM_PROCESSES SPACE_ID)
+[ "$space" = "None" ] && space=""
 # Ranks: NUM_PROCESSES, else one per visible GPU, else 1 on CPU. CPU threads are shared out between ranks.
 if [ "$nproc_" -eq 0 ]; then nproc_=$(( gpus > 0 ? gpus : 1 )); fi
 if [ "$gpus" -eq 0 ]; then
@@ -56,6 +79,8 @@ if [ "$gpus" -eq 0 ]; then
 fi
 port=$(( 29500 + RANDOM % 2000 ))
 
+# The run's clock (its time budget counts from here): the container's start for the first run.
+export RUN_STARTED_AT="${RUN_STARTED_AT:-$(date +%s)}"
 runs=0
 while :; do
   set +e
@@ -65,15 +90,26 @@ while :; do
   if [ "$planned" -eq 3 ]; then
     banner "done"
     "$PY" util.py plan || true
+    if [ -n "$space" ]; then "$PY" util.py pause; fi
     exit 0
   fi
   runs=$(( runs + 1 ))
+  if [ "$runs" -gt 1 ]; then RUN_STARTED_AT=$(date +%s); fi
   banner "run $runs"
   phase "prep" "$PY" prep.py
+  # WORK_DIR/final then holds the finished model, or the full-state checkpoint of a stopped shard.
   phase "train ($nproc_ rank(s))" deepspeed --log_level error --num_gpus "$nproc_" --master_port "$port" train.py
   phase "publish" "$PY" util.py publish
   # Later runs follow the published record, not the first run's explicit INIT/INST.
   unset INIT INST
+  if [ -n "$space" ]; then
+    banner "this container's run is over: the Space restarts for the next one"
+    exit 0
+  fi
+  if [ "$stopping" -eq 1 ]; then
+    banner "stopped by a signal: the checkpoint is published, the next run resumes it"
+    exit 3
+  fi
   if [ "$max_runs" -gt 0 ] && [ "$runs" -ge "$max_runs" ]; then
     banner "stopping after MAX_RUNS=$max_runs run(s)"
     "$PY" util.py plan || true

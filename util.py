@@ -1,7 +1,9 @@
 """The outside world: the run-state record, planning the next run, and publishing a finished run.
 
     python3 util.py plan      # say what the next run will do; exit 0 = work to do, 3 = pipeline done
-    python3 util.py publish   # publish work/final (model, tokenizer, card, state) and advance the state
+    python3 util.py publish   # publish work/final (model, tokenizer, card, state) and advance the state,
+                              # or a stopped shard's checkpoint; in a Space, then update its variables
+    python3 util.py pause     # in a Space: pause it (the pipeline is done)
 
 The record of truth is ``training_state.json`` inside the published output (OUTPUT_REPO for
 pretraining, OUTPUT_REPO-it for instruction tuning). A run advances the state only by publishing a
@@ -15,7 +17,9 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +40,7 @@ class RunPlan:
     target: str  # where this run publishes
     source: str | None  # published model this run continues from
     done: bool = False
+    resume: dict[str, Any] | None = None  # the target's last-checkpoint/ to resume this shard from
 
     @property
     def inst(self) -> bool:
@@ -46,6 +51,9 @@ class RunPlan:
             return (f"the pipeline is done: every pretraining and instruct shard is trained and published; "
                     f"the chat model is in {self.target}")
         start = "fresh weights and a new tokenizer" if self.source is None else self.source
+        if self.resume:
+            return (f"{self.stage} shard {self.shard}, resuming at step {self.resume['step']} of {self.resume['max_steps']} "
+                    f"from {self.target}/last-checkpoint -> {self.target}")
         return f"{self.stage} shard {self.shard} from {start} -> {self.target}"
 
 
@@ -56,26 +64,41 @@ def instruct_target(s: Settings) -> str:
 # --- the record ------------------------------------------------------------------------------------
 
 
-def read_record(target: str) -> dict[str, Any] | None:
-    """The published training_state.json of `target`, or None when nothing was published there."""
+def read_record(target: str, s: Settings | None = None) -> dict[str, Any] | None:
+    """The published training_state.json of `target` (a local directory or a Hub repo), or None when
+    nothing was published there."""
     if not is_local_target(target):
-        raise BadInput([f"OUTPUT_REPO={target!r}: publishing to the Hub is not available in this version. "
-                        "Fix: use a local OUTPUT_REPO such as ./output/llama."])
-    root = local_path(target)
-    recover_local(root)
-    path = root / STATE_FILE
-    if not path.exists():
+        text = hub(s).read_text(target, STATE_FILE)
+        where = f"{target}/{STATE_FILE} on the Hub"
+    else:
+        root = local_path(target)
+        recover_local(root)
+        path = root / STATE_FILE
+        text = path.read_text() if path.exists() else None
+        where = str(path)
+    if text is None:
         return None
     try:
-        return json.loads(path.read_text())
+        return json.loads(text)
     except json.JSONDecodeError as e:
-        raise BadInput([f"{path}: the run-state record is not valid JSON ({e}). Fix: restore it, or remove the "
-                        f"output directory {root} to start over."]) from None
+        raise BadInput([f"{where}: the run-state record is not valid JSON ({e}). Fix: restore it, or remove the "
+                        f"published output {target} to start over."]) from None
 
 
-def has_model(target: str) -> bool:
+def has_model(target: str, s: Settings | None = None) -> bool:
+    if not is_local_target(target):
+        files = hub(s).list_files(target)
+        return files is not None and "config.json" in files and any(f.endswith(".safetensors") and "/" not in f for f in files)
     root = local_path(target)
     return (root / "config.json").exists() and any(root.glob("*.safetensors"))
+
+
+def materialize(target: str, s: Settings) -> Path:
+    """A local directory holding the published model of `target`: the directory itself, or a snapshot
+    of the Hub repo (model, tokenizer, record; not the checkpoint) under WORK_DIR/hub."""
+    if is_local_target(target):
+        return local_path(target)
+    return hub(s).download(target, Path(s.work_dir) / "hub", ignore=["last-checkpoint/*", "runs/*"])
 
 
 def next_after(stage: str, shard: int, shards_total: int) -> dict[str, Any] | None:
@@ -87,12 +110,24 @@ def next_after(stage: str, shard: int, shards_total: int) -> dict[str, Any] | No
     return None
 
 
+def _position(inst: bool, init: int) -> tuple[int, int]:
+    return (1 if inst else 0, init)
+
+
 def plan_run(s: Settings) -> RunPlan:
-    """Decide this run from the published record; an explicit INIT/INST in the settings overrides it."""
-    rec_it = read_record(instruct_target(s))
-    rec_pre = read_record(s.output_repo)
+    """Decide this run from the published record; an explicit INIT/INST in the settings overrides it,
+    except in a Space when the record is ahead of the variables (a publish that landed before the
+    variable update failed or was cut by the restart it triggered): then the record wins."""
+    rec_it = read_record(instruct_target(s), s)
+    rec_pre = read_record(s.output_repo, s)
     record = rec_it or rec_pre
-    if s.init is not None or s.inst is not None:
+    explicit = s.init is not None or s.inst is not None
+    if explicit and s.space_id and record is not None:
+        nxt = record.get("next")
+        var_pos = _position(bool(s.inst), s.init or 0)
+        if nxt is None or _position(bool(nxt["inst"]), int(nxt["init"])) > var_pos:
+            explicit = False  # the record is ahead: follow it
+    if explicit:
         inst = bool(s.inst) if s.inst is not None else bool(record and record.get("next") and record["next"]["inst"])
         init = s.init if s.init is not None else 0
     elif record is None:
@@ -108,7 +143,11 @@ def plan_run(s: Settings) -> RunPlan:
     else:
         source = (s.input_repo or s.output_repo) if init == 0 else instruct_target(s)
         plan = RunPlan(stage="instruct", shard=init, target=instruct_target(s), source=source)
-    if plan.source is not None and not has_model(plan.source):
+    own = rec_it if plan.inst else rec_pre  # the record of this run's target
+    resume = (own or {}).get("resume")
+    if resume and resume.get("stage") == plan.stage and resume.get("shard") == plan.shard:
+        plan = RunPlan(plan.stage, plan.shard, plan.target, plan.source, resume=resume)
+    if plan.source is not None and not has_model(plan.source, s):
         what = "INIT" if not inst else ("INPUT_REPO/OUTPUT_REPO" if init == 0 else "INIT")
         raise BadInput([f"{what}: this run ({plan.describe()}) continues from the model in {plan.source}, but no "
                         "published model is there. Fix: run the earlier shards first (unset INIT and INST to follow "
@@ -147,7 +186,11 @@ def build_record(s: Settings, plan: RunPlan, manifest: dict[str, Any], metrics: 
              **{k: metrics[k] for k in ("steps", "tokens", "train_loss", "eval_loss_before", "eval_loss",
                                         "perplexity", "train_runtime_s", "tokens_per_s", "precision",
                                         "world_size", "train_format", "trainable_parameters", "merged_eval_loss",
-                                        "merge_delta_pct") if k in metrics}}
+                                        "merge_delta_pct", "resumed_from_step", "first_resumed_step_s", "data_order_sha256")
+                if k in metrics}}
+    resumed = (previous or {}).get("resume") or {}
+    if resumed.get("stage") == plan.stage and resumed.get("shard") == plan.shard:
+        entry["interruptions"] = resumed.get("interruptions", 0)
     history.append(entry)
     nxt = next_after(plan.stage, plan.shard, manifest["shards_total"])
     return {
@@ -177,22 +220,92 @@ def publish(s: Settings, work: Path) -> tuple[dict[str, Any], RunPlan]:
     if metrics.get("run_id") != manifest["run_id"]:
         raise RuntimeError(f"{final} was not trained from the prepared data of this run "
                            f"(run {metrics.get('run_id')} vs {manifest['run_id']}): run train.py again.")
-    root = local_path(plan.target)
-    previous = read_record(plan.target)
+    previous = read_record(plan.target, s)
     if plan.stage == "instruct" and previous is None:
-        previous = read_record(s.output_repo)  # the instruct record continues the pretraining history
+        previous = read_record(s.output_repo, s)  # the instruct record continues the pretraining history
+    if metrics.get("partial"):
+        return publish_checkpoint(s, plan, work, metrics, previous), plan
     record = build_record(s, plan, manifest, metrics, previous)
+    record["publish_id"] = f"{manifest['run_id']}-{uuid.uuid4().hex[:12]}"
 
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staged = root.with_name(f"{root.name}.tmp-{os.getpid()}")
+    if is_local_target(plan.target):
+        root = local_path(plan.target)
+        root.parent.mkdir(parents=True, exist_ok=True)
+        staged = root.with_name(f"{root.name}.tmp-{os.getpid()}")
+    else:
+        staged = work / "publish"
     if staged.exists():
         shutil.rmtree(staged)
     shutil.copytree(final, staged, ignore=shutil.ignore_patterns("metrics.json"))
     (staged / STATE_FILE).write_text(json.dumps(record, indent=2) + "\n")
     (staged / "README.md").write_text(render_card(record, plan.target))
-    _fsync_tree(staged)
-    _swap_in(staged, root)
+    if is_local_target(plan.target):
+        _fsync_tree(staged)
+        _swap_in(staged, root)
+    else:
+        h = hub(s)
+        last = record["history"][-1]
+        h.publish(plan.target, staged, f"{last['stage']} shard {last['shard']}: validation loss "
+                  f"{last.get('eval_loss', float('nan')):.4f}", record["publish_id"])
+        shutil.rmtree(staged)
     return record, plan
+
+
+def publish_checkpoint(s: Settings, plan: RunPlan, work: Path, metrics: dict[str, Any],
+                       previous: dict[str, Any] | None) -> dict[str, Any]:
+    """A shard stopped mid-way: publish its full-state checkpoint as last-checkpoint/ with a record
+    that says where to resume, and nothing else. The published model stays the last finished one and
+    the state does not advance."""
+    record = dict(previous or {"format": RECORD_FORMAT, "history": [], "steps": 0, "tokens": 0,
+                              "next": {"inst": plan.inst, "init": plan.shard}, "done": False})
+    if record.get("next") is None or (record["next"]["inst"], record["next"]["init"]) != (plan.inst, plan.shard):
+        record["next"] = {"inst": plan.inst, "init": plan.shard}
+        record["done"] = False
+    earlier = record.get("resume") or {}
+    same = earlier.get("stage") == plan.stage and earlier.get("shard") == plan.shard
+    record["resume"] = {
+        "stage": plan.stage, "shard": plan.shard, "step": metrics["step"], "max_steps": metrics["max_steps"],
+        "samples_seen": metrics["samples_seen"], "tokens": metrics["tokens"], "stop_reason": metrics["stop_reason"],
+        "eval_loss_before": earlier.get("eval_loss_before") if same else metrics["eval_loss_before"],
+        "data_fingerprint": metrics["data_fingerprint"], "interruptions": (earlier.get("interruptions", 0) if same else 0) + 1,
+        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    record["publish_id"] = f"{metrics['run_id']}-{uuid.uuid4().hex[:12]}"
+    record["settings"] = s.redacted()
+    ckpt = work / "final" / "last-checkpoint"
+    if is_local_target(plan.target):
+        root = local_path(plan.target)
+        root.parent.mkdir(parents=True, exist_ok=True)
+        staged = root.with_name(f"{root.name}.tmp-{os.getpid()}")
+        if staged.exists():
+            shutil.rmtree(staged)
+        if root.exists():
+            shutil.copytree(root, staged, ignore=shutil.ignore_patterns("last-checkpoint"), copy_function=_link_or_copy)
+        else:
+            staged.mkdir()
+        shutil.copytree(ckpt, staged / "last-checkpoint")
+        (staged / STATE_FILE).unlink(missing_ok=True)  # a hard link to the published record: never write through it
+        (staged / STATE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        _fsync_tree(staged)
+        _swap_in(staged, root)
+    else:
+        staged = work / "publish"
+        if staged.exists():
+            shutil.rmtree(staged)
+        staged.mkdir()
+        shutil.copytree(ckpt, staged / "last-checkpoint")
+        (staged / STATE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        hub(s).publish(plan.target, staged, f"{plan.stage} shard {plan.shard}: checkpoint at step {metrics['step']}",
+                       record["publish_id"], replace=["last-checkpoint/", STATE_FILE])
+        shutil.rmtree(staged)
+    return record
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _fsync_tree(root: Path) -> None:
@@ -203,9 +316,266 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(f.fileno())
 
 
+# --- the Hub ---------------------------------------------------------------------------------------
+
+_HUBS: dict[int, "Hub"] = {}
+
+
+def hub(s: Settings | None) -> "Hub":
+    """The Hub client of these settings (one per process and settings)."""
+    if s is None:
+        s = load_settings()
+    if id(s) not in _HUBS:
+        _HUBS[id(s)] = Hub(s)
+    return _HUBS[id(s)]
+
+
+class HubError(RuntimeError):
+    """A Hub call that kept failing on transient errors, or a publish that met a concurrent change."""
+
+
+class HubRefused(BadInput):
+    """A Hub call that cannot succeed (401, 403, 404, a rejected request): bad input, exit 2."""
+
+
+HUB_ERRORS = (HubError, HubRefused)
+
+
+class Hub:
+    """huggingface_hub's HfApi with this project's rules: a timeout on every request, retries with
+    exponential backoff and jitter on transient errors only (5xx, 429 honouring Retry-After,
+    timeouts, dropped connections), immediate failure with the reason on anything else. The token
+    is passed to the client only; it is never formatted into a message."""
+
+    def __init__(self, s: Settings) -> None:
+        import httpx2
+        import huggingface_hub
+        from huggingface_hub.utils._http import hf_request_event_hook
+
+        huggingface_hub.utils.disable_progress_bars()  # one line per publish, not one bar per file
+
+        timeout = s.hub_timeout
+        huggingface_hub.set_client_factory(lambda: httpx2.Client(
+            event_hooks={"request": [hf_request_event_hook]}, follow_redirects=True,
+            timeout=httpx2.Timeout(timeout, connect=min(timeout, 30.0))))
+        self.s = s
+        self.token = s.hf_token.get_secret_value() if s.hf_token else None
+        self.api = huggingface_hub.HfApi(token=self.token or False)
+        self.retries: dict[str, int] = {}
+
+    # --- retries -----------------------------------------------------------------------------
+    @staticmethod
+    def transient(e: BaseException) -> tuple[bool, float | None]:
+        """(retry?, the server's Retry-After in seconds if it gave one)."""
+        import httpx2
+        from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+        if isinstance(e, HfHubHTTPError) and e.response is not None:
+            code = e.response.status_code
+            if code == 429 or code >= 500:
+                after = e.response.headers.get("Retry-After")
+                try:
+                    return True, float(after) if after is not None else None
+                except ValueError:
+                    return True, None
+            return False, None
+        if isinstance(e, OfflineModeIsEnabled):  # HF_HUB_OFFLINE: no retry will reach the Hub
+            return False, None
+        return isinstance(e, (httpx2.TransportError, TimeoutError, ConnectionError)), None
+
+    def call(self, what: str, fn, *args, **kwargs):
+        import random
+
+        attempt = 0
+        while True:
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - classified below; what cannot succeed is raised at once
+                retry, after = self.transient(e)
+                if not retry or attempt >= self.s.hub_retries:
+                    raise self.explain(what, e, attempt) from e
+                wait = after if after is not None else min(60.0, self.s.hub_retry_wait * 2 ** attempt) * random.uniform(0.5, 1.5)
+                attempt += 1
+                self.retries[what] = self.retries.get(what, 0) + 1
+                print(f"[hub] {what}: {self.describe(e)}; retry {attempt} of {self.s.hub_retries} in {wait:.1f} s",
+                      flush=True)
+                time.sleep(wait)
+
+    @staticmethod
+    def describe(e: BaseException) -> str:
+        from huggingface_hub.errors import HfHubHTTPError
+
+        if isinstance(e, HfHubHTTPError) and e.response is not None:
+            return f"HTTP {e.response.status_code}"
+        return type(e).__name__
+
+    def explain(self, what: str, e: BaseException, attempts: int) -> HubError | HubRefused:
+        from huggingface_hub.errors import HfHubHTTPError
+
+        code = e.response.status_code if isinstance(e, HfHubHTTPError) and e.response is not None else None
+        fix = {401: "HF_TOKEN is not valid: create a new token with write access and set the secret HF_TOKEN.",
+               403: "HF_TOKEN cannot write there: use a token with write access to that namespace (a fine-grained token "
+                    "needs write on the repo), or choose an OUTPUT_REPO under your own name.",
+               404: "the repo does not exist or the token cannot see it: check OUTPUT_REPO / INPUT_REPO and HF_TOKEN."}.get(code)
+        detail = (str(e).splitlines()[0][:300] if str(e) else type(e).__name__).rstrip(".")
+        if type(e).__name__ == "OfflineModeIsEnabled":
+            fix = "HF_HUB_OFFLINE is set, so the Hub cannot be reached: unset it to read from or publish to the Hub."
+        if self.transient(e)[0]:
+            return HubError(f"{what}: {detail}. The Hub kept failing after {attempts} retries: run again later "
+                            "(nothing was lost).")
+        return HubRefused([f"{what}: {detail}" + (f". Fix: {fix}" if fix else "")])
+
+    # --- reading ----------------------------------------------------------------------------------
+    def read_text(self, repo: str, path: str) -> str | None:
+        """A file of the repo's main branch, or None when the repo or the file does not exist."""
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+
+        try:
+            local = self.call(f"read {repo}/{path}", hf_hub_download, repo, path, token=self.token or False,
+                              cache_dir=self.cache())
+        except HUB_ERRORS as e:
+            if isinstance(e.__cause__, (EntryNotFoundError, RepositoryNotFoundError)):
+                return None
+            raise
+        return Path(local).read_text()
+
+    def list_files(self, repo: str) -> list[str] | None:
+        from huggingface_hub.errors import RepositoryNotFoundError
+
+        try:
+            return self.call(f"list {repo}", self.api.list_repo_files, repo)
+        except HUB_ERRORS as e:
+            if isinstance(e.__cause__, RepositoryNotFoundError):
+                return None
+            raise
+
+    def head(self, repo: str) -> str | None:
+        from huggingface_hub.errors import RepositoryNotFoundError
+
+        try:
+            return self.call(f"info {repo}", self.api.repo_info, repo).sha
+        except HUB_ERRORS as e:
+            if isinstance(e.__cause__, RepositoryNotFoundError):
+                return None
+            raise
+
+    def download(self, repo: str, into: Path, ignore: list[str] | None = None, allow: list[str] | None = None) -> Path:
+        """A snapshot of the repo at its current commit, in `into`/<owner>--<name>/<commit>."""
+        from huggingface_hub import snapshot_download
+
+        sha = self.head(repo)
+        if sha is None:
+            raise HubError(f"{repo}: no such repo on the Hub (or HF_TOKEN cannot see it)")
+        dst = into / repo.replace("/", "--") / sha
+        if not (dst / ".complete").exists():
+            self.call(f"download {repo}", snapshot_download, repo, revision=sha, local_dir=dst, token=self.token or False,
+                      ignore_patterns=ignore, allow_patterns=allow, cache_dir=self.cache())
+            (dst / ".complete").write_text(sha)
+        return dst
+
+    def cache(self) -> str:
+        return str(Path(self.s.work_dir).resolve() / "hub" / ".cache")
+
+    # --- access -------------------------------------------------------------------------------
+    def check_access(self, repos: list[str]) -> list[str]:
+        """Problems that would stop publishing to `repos` (each with its fix); [] when the token can
+        write to every one of them (existing or creatable) and, in a Space, to the Space."""
+        from huggingface_hub.errors import HfHubHTTPError
+
+        try:
+            me = self.call("whoami", self.api.whoami)
+        except HUB_ERRORS as e:
+            return [f"HF_TOKEN: {e}"]
+        role = ((me.get("auth") or {}).get("accessToken") or {}).get("role")
+        if role == "read":
+            return ["HF_TOKEN is a read-only token: publishing needs write access. Fix: create a token with the "
+                    "'write' role (or a fine-grained token with write access to the repo) and set the secret HF_TOKEN."]
+        spaces = [self.s.space_id] if self.s.space_id else []
+        namespaces = {me.get("name"), *(o.get("name") for o in me.get("orgs") or [])}
+        problems = []
+        for repo in repos + spaces:
+            kind = "space" if repo in spaces else "model"
+            try:
+                self.call(f"check {repo}", self.api.auth_check, repo, repo_type=kind, write=True)
+            except HUB_ERRORS as e:
+                cause = e.__cause__
+                status = cause.response.status_code if isinstance(cause, HfHubHTTPError) and cause.response is not None else None
+                if status == 404 and kind == "model":
+                    if repo.split("/")[0] not in namespaces:
+                        problems.append(f"{repo}: the token ({me.get('name')}) cannot create repos under "
+                                        f"{repo.split('/')[0]!r}. Fix: an OUTPUT_REPO under {me.get('name')!r} or one of "
+                                        "its organisations, or a token of that namespace.")
+                    continue  # created on the first publish
+                problems.append(str(e))
+        return problems
+
+
+    # --- writing ------------------------------------------------------------------------------
+    def publish(self, repo: str, folder: Path, message: str, publish_id: str, replace: list[str] | None = None) -> str:
+        """One commit making `repo` hold exactly `folder` (or, with `replace`, making those paths hold
+        what `folder` has and leaving the rest): every file added, every file of an earlier publish
+        that is not in `folder` deleted, on top of the head read before (parentCommit), so
+        that a concurrent change fails the commit instead of being overwritten. A commit whose answer
+        was lost and that is retried finds the head moved: it counts as landed when the head's record
+        carries this `publish_id`. Returns the commit id."""
+        from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+        from huggingface_hub.errors import HfHubHTTPError
+
+        self.call(f"create {repo}", self.api.create_repo, repo, private=self.s.private, exist_ok=True)
+        parent = self.head(repo)
+        existing = set(self.list_files(repo) or [])
+        if replace is not None:  # only these paths (a file, or a folder ending in /) are this publish's
+            existing = {f for f in existing if any(f == r or (r.endswith("/") and f.startswith(r)) for r in replace)}
+        files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+        stale = sorted(existing - set(files) - {".gitattributes"})
+
+        def commit():
+            ops = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(folder / f)) for f in files]
+            ops += [CommitOperationDelete(path_in_repo=f) for f in stale]
+            return self.api.create_commit(repo, ops, commit_message=message, parent_commit=parent)
+
+        try:
+            return self.call(f"publish {repo}", commit).oid
+        except HUB_ERRORS as e:
+            cause = e.__cause__
+            if isinstance(cause, HfHubHTTPError) and cause.response is not None and cause.response.status_code == 412:
+                landed = self.read_text(repo, STATE_FILE)
+                if landed and json.loads(landed).get("publish_id") == publish_id:
+                    return self.head(repo) or ""
+                raise HubError(f"publish {repo}: the repo changed while this run was publishing. Fix: run again; "
+                               "the next run reads what is there now.") from cause
+            raise
+
+    # --- the Space ----------------------------------------------------------------------------------
+    def space_after_publish(self, record: dict[str, Any]) -> str:
+        """Tell the Space what the record says: pause it when the pipeline is done; else write the
+        next INIT then INST (in that order: a restart triggered by the first update leaves the
+        variables behind the record, never ahead of it, and the record wins on the next start);
+        restart it when neither changes (a shard stopped mid-way resumes on the next start)."""
+        space = self.s.space_id
+        if record.get("next") is None:
+            self.call(f"pause {space}", self.api.pause_space, space)
+            return f"Space {space} paused: the pipeline is done"
+        current = {k: v.value for k, v in self.call(f"variables {space}", self.api.get_space_variables, space).items()}
+        want = {"INIT": str(record["next"]["init"]), "INST": str(record["next"]["inst"]).lower()}
+        changed = [k for k in ("INIT", "INST") if current.get(k) != want[k]]
+        for k in changed:
+            self.call(f"set {k} on {space}", self.api.add_space_variable, space, k, want[k])
+        if not changed:
+            self.call(f"restart {space}", self.api.restart_space, space)
+            return f"Space {space} restarted to continue INST={want['INST']} INIT={want['INIT']}"
+        return f"Space {space} variables set: INST={want['INST']} INIT={want['INIT']} (the Space restarts with them)"
+
 def summary(record: dict[str, Any], target: str) -> str:
+    where = local_path(target) if is_local_target(target) else f"{target} on the Hub"
+    r = record.get("resume")
+    if r:
+        return (f"published checkpoint: {r['stage']} shard {r['shard']} stopped by {r['stop_reason']} at step {r['step']} of "
+                f"{r['max_steps']} -> {where}/last-checkpoint\n"
+                f"next run: resumes {r['stage']} shard {r['shard']} at step {r['step']} (the state does not advance)")
     last = record["history"][-1]
-    lines = [f"published: {last['stage']} shard {last['shard']} ({last['shard'] + 1} of {last['shards_total']}) -> {local_path(target)}",
+    lines = [f"published: {last['stage']} shard {last['shard']} ({last['shard'] + 1} of {last['shards_total']}) -> {where}",
              f"validation loss: {last.get('eval_loss_before', float('nan')):.3f} -> {last.get('eval_loss', float('nan')):.3f}"
              f" (perplexity {last.get('perplexity', float('nan')):.1f}); {last.get('steps', 0)} steps, {last.get('tokens', 0):,} tokens"]
     nxt = record["next"]
@@ -218,7 +588,7 @@ def summary(record: dict[str, Any], target: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="util.py", description=__doc__.split("\n\n")[0])
-    ap.add_argument("command", choices=["plan", "publish"])
+    ap.add_argument("command", choices=["plan", "publish", "pause"])
     args = ap.parse_args(argv)
     try:
         s = load_settings()
@@ -226,11 +596,26 @@ def main(argv: list[str] | None = None) -> int:
             plan = plan_run(s)
             print(f"this run: {plan.describe()}")
             return EXIT_DONE if plan.done else 0
+        if args.command == "pause":
+            if not s.space_id:
+                print("not in a Space (SPACE_ID is not set): nothing to pause")
+                return 0
+            hub(s).call(f"pause {s.space_id}", hub(s).api.pause_space, s.space_id)
+            print(f"Space {s.space_id} paused: the pipeline is done")
+            return 0
         record, plan = publish(s, Path(s.work_dir))
         print(summary(record, plan.target))
+        h = _HUBS.get(id(s))
+        if h is not None and h.retries:
+            print(f"[hub] retries: {json.dumps(h.retries)}")
+        if s.space_id:
+            print(hub(s).space_after_publish(record))
         return 0
     except BadInput as e:
         return report(e)
+    except HubError as e:
+        print(f"Hub: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -47,15 +47,19 @@ CASES = {
     "STARTUP_DURATION_TIMEOUT": ("5h", "5h", "soon"),
     "TIMEOUT_BUFFER": ("10", 10.0, "-5"),
     "TIME_BUDGET": ("45m", "45m", "forever"),
+    "PRIVATE": ("false", False, "secret"),
+    "HUB_RETRIES": ("3", 3, "-1"),
+    "HUB_RETRY_WAIT": ("0.5", 0.5, "-1"),
+    "HUB_TIMEOUT": ("30", 30.0, "0"),
 }
 
 
 def test_every_variable_is_covered():
-    # Each settings variable has a case here (HF_TOKEN and CONFIG_FILE have their own tests).
+    # Each settings variable has a case here (HF_TOKEN, CONFIG_FILE and SPACE_ID have their own tests).
     names = set()
     for name, f in Settings.model_fields.items():
         names.add(str(f.validation_alias.choices[0]))
-    assert names - {"HF_TOKEN", "CONFIG_FILE"} == set(CASES)
+    assert names - {"HF_TOKEN", "CONFIG_FILE", "SPACE_ID"} == set(CASES)
     assert names <= SETTINGS_VARS
 
 
@@ -171,3 +175,11 @@ def test_readme_documents_every_variable_with_its_default():
         assert row is not None, f"README has no row for {var}"
         default = "—" if f.default is None else str(f.default).lower()
         assert f"| `{default}` |" in row.lower() or (default == "—" and "| — |" in row), (var, row)
+
+
+def test_a_space_needs_the_token():
+    with pytest.raises(SettingsError) as e:
+        load_settings({"SPACE_ID": "alice/trainer"})
+    assert any("SPACE_ID" in p and "HF_TOKEN" in p for p in e.value.problems)
+    s = load_settings({"SPACE_ID": "alice/trainer", "HF_TOKEN": "hf_x"})
+    assert s.space_id == "alice/trainer" and "hf_x" not in str(s.redacted())

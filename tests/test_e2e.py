@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -104,17 +105,18 @@ def _wait_for(proc, needle: str, timeout: float = 300) -> str:
     raise AssertionError(f"never saw {needle!r}:\n{''.join(seen)[-4000:]}")
 
 
-@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
-def test_a_run_killed_mid_training_leaves_the_published_state_intact(env, how):
-    env["MAX_RUNS"] = "1"
-    p = run(["./trainer.sh"], env, timeout=600)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    out = Path(env["OUTPUT_REPO"])
-    before, state_before = tree_digest(out), record(out)
-    assert state_before["next"] == {"inst": False, "init": 1}
+def _model_digest(out: Path) -> str:
+    """The published model (everything but the checkpoint and the record)."""
+    h = hashlib.sha256()
+    for p in sorted(out.rglob("*")):
+        rel = p.relative_to(out).as_posix()
+        if p.is_file() and not rel.startswith("last-checkpoint/") and rel != "training_state.json":
+            h.update(rel.encode() + p.read_bytes())
+    return h.hexdigest()
 
-    env_long = {**env, "MAX_STEPS": "100000", "SHARD_SIZE": "200"}
-    proc = _start(env_long)
+
+def _interrupt(env: dict[str, str], how: str) -> int:
+    proc = _start(env)
     _wait_for(proc, "validation loss before training")
     time.sleep(2)  # well inside the training loop
     if how == "SIGKILL":
@@ -122,21 +124,58 @@ def test_a_run_killed_mid_training_leaves_the_published_state_intact(env, how):
     else:
         proc.send_signal(signal.SIGTERM)     # to trainer.sh only: it must pass it on
     try:
-        rc = proc.wait(timeout=60)
+        return proc.wait(timeout=120)
     finally:
         proc.stdout.close()
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def _first_shard(env: dict[str, str]) -> tuple[Path, str, dict]:
+    env["MAX_RUNS"] = "1"
+    p = run(["./trainer.sh"], env, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    out = Path(env["OUTPUT_REPO"])
+    assert record(out)["next"] == {"inst": False, "init": 1}
+    return out, tree_digest(out), record(out)
+
+
+def test_sigkill_mid_training_leaves_the_published_state_intact(env):
+    out, before, state_before = _first_shard(env)
+    rc = _interrupt({**env, "MAX_STEPS": "100000"}, "SIGKILL")
     assert rc != 0
     assert tree_digest(out) == before and record(out) == state_before
     assert not Path(env["OUTPUT_REPO"] + "-it").exists()
-
     # The next run trains the same shard and publishes it.
     p = run(["./trainer.sh"], env, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert record(out)["next"] == {"inst": True, "init": 0}
+
+
+def test_sigterm_mid_training_publishes_a_checkpoint_the_next_run_resumes(env):
+    out, before, state_before = _first_shard(env)
+    model_before = _model_digest(out)
+    long = {k: v for k, v in env.items() if k != "MAX_STEPS"} | {"EPOCHS": "4"}
+    rc = _interrupt(long, "SIGTERM")
+    assert rc == 3
+    state = record(out)
+    assert state["next"] == state_before["next"] and state["history"] == state_before["history"]
+    resume = state["resume"]
+    assert resume["stop_reason"] == "a stop signal" and resume["stage"] == "pretrain" and resume["shard"] == 1
+    assert 0 < resume["step"] < resume["max_steps"]
+    assert (out / "last-checkpoint" / "trainer_state.json").exists()
+    assert _model_digest(out) == model_before  # the published model is still the finished shard's
+    # The next run resumes that step and finishes the shard; the checkpoint goes with the publish.
+    p = run(["./trainer.sh"], long, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert f"resuming at step {resume['step']} of this shard" in p.stdout
+    state = record(out)
+    assert state["next"] == {"inst": True, "init": 0} and "resume" not in state
+    last = state["history"][-1]
+    assert last["steps"] == resume["max_steps"] and last["resumed_from_step"] == resume["step"]
+    assert not (out / "last-checkpoint").exists()
 
 
 def test_two_cpu_ranks_train_and_publish_once(env):

@@ -1,0 +1,157 @@
+"""Publishing to the Hub and driving a Space, against the loopback Hub (tests/hub_double.py) through
+the real huggingface_hub client: the pipeline to done in a Space, permissions checked before any
+training, faults retried or reported, a publish killed with SIGKILL losing nothing, the token
+nowhere."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, make_env, run
+from hub_double import HubDouble
+
+WRITE = "hf_writeTokenForTheTests0123456789"
+READ = "hf_readOnlyTokenForTheTests012345"
+
+
+@pytest.fixture
+def hub():
+    h = HubDouble({WRITE: {"name": "alice", "role": "write", "orgs": ["team"]},
+                   READ: {"name": "alice", "role": "read"}}, spaces=["alice/trainer"]).start()
+    yield h
+    h.stop()
+
+
+def hub_env(tmp: Path, hub: HubDouble) -> dict[str, str]:
+    env = make_env(tmp)
+    env.pop("HF_HUB_OFFLINE")
+    env.update({"HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": WRITE, "OUTPUT_REPO": "alice/llama",
+                "HUB_RETRY_WAIT": "0.05", "HUB_TIMEOUT": "5"})
+    return env
+
+
+def _load_and_chat(env: dict[str, str], repo: str) -> dict:
+    """from_pretrained through the client, in a process whose HF_ENDPOINT is the double."""
+    code = f"""
+import json, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tok = AutoTokenizer.from_pretrained({repo!r})
+model = AutoModelForCausalLM.from_pretrained({repo!r})
+ids = tok.apply_chat_template([{{"role": "user", "content": "What is 2 + 3?"}}], add_generation_prompt=True, return_tensors="pt")
+ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+out = model.generate(ids, max_new_tokens=8, do_sample=False)
+print(json.dumps({{"dtype": str(model.dtype), "quantized": hasattr(model.config, "quantization_config"),
+                   "new_tokens": int(out.shape[1] - ids.shape[1])}}))
+"""
+    p = run([sys.executable, "-c", code], env, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_a_space_runs_the_pipeline_to_done_and_pauses(hub, tmp_path):
+    """Each container start is one run; the variables progress run by run, never ahead of the
+    record; the Space pauses at the end; both repos load; the token is written nowhere."""
+    env = hub_env(tmp_path, hub)
+    env["SPACE_ID"] = "alice/trainer"
+    space, logs, starts = hub.spaces["alice/trainer"], [], 0
+    while space.stage != "PAUSED":
+        starts += 1
+        assert starts <= 5, space.events
+        start_env = {**env, **{k: v["value"] for k, v in space.variables.items()}}
+        p = run(["./trainer.sh"], start_env, timeout=900)
+        logs.append(p.stdout + p.stderr)
+        assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    assert starts == 3
+    assert space.events == ["set INIT=1", "set INST=false", "set INIT=0", "set INST=true", "pause"]
+    titles = hub.commits("alice/llama")
+    assert len(titles) == 2 and titles[0].startswith("pretrain shard 0:") and titles[1].startswith("pretrain shard 1:")
+    assert len(hub.commits("alice/llama-it")) == 1
+    record = json.loads(hub.repos["alice/llama-it"].files["training_state.json"])
+    assert record["done"] and [(h["stage"], h["shard"]) for h in record["history"]] == [
+        ("pretrain", 0), ("pretrain", 1), ("instruct", 0)]
+    assert hub.repos["alice/llama"].private and hub.repos["alice/llama-it"].private
+    files = set(hub.repos["alice/llama-it"].files)
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md", "training_state.json"} <= files
+    assert any(f.startswith("runs/") for f in files) and not any(f.startswith("last-checkpoint/") for f in files)
+    for repo in ("alice/llama", "alice/llama-it"):
+        loaded = _load_and_chat({**env, "HF_HOME": str(tmp_path / "reader")}, repo)
+        assert loaded == {"dtype": "torch.bfloat16", "quantized": False, "new_tokens": loaded["new_tokens"]}
+    # The token: in no log line, no published file, no file of the work directory.
+    assert not any(WRITE in log for log in logs)
+    assert not any(WRITE.encode() in b for r in hub.repos.values() for b in r.files.values())
+    assert not any(WRITE.encode() in b for b in hub.lfs.values())
+    for f in Path(env["WORK_DIR"]).rglob("*"):
+        if f.is_file():
+            assert WRITE.encode() not in f.read_bytes(), f
+
+
+@pytest.mark.slow
+def test_the_record_wins_when_the_space_variables_are_behind(hub, tmp_path):
+    """A publish that landed before the variable update (cut by the restart it triggered): the
+    next start finds INIT behind the record and follows the record."""
+    env = hub_env(tmp_path, hub)
+    env.update({"SPACE_ID": "alice/trainer", "MAX_RUNS": "1"})
+    assert run(["./trainer.sh"], env, timeout=600).returncode == 0
+    assert hub.spaces["alice/trainer"].variables["INIT"]["value"] == "1"
+    # The variables as they were before that run: INIT=0 (behind the record, which says shard 1).
+    p = run(["python3", "util.py", "plan"], {**env, "INIT": "0", "INST": "false"}, timeout=120)
+    assert p.returncode == 0 and "pretrain shard 1 from alice/llama" in p.stdout, p.stdout + p.stderr
+    # Outside a Space an explicit INIT still overrides the record.
+    local = {k: v for k, v in env.items() if k != "SPACE_ID"}
+    p = run(["python3", "util.py", "plan"], {**local, "INIT": "0", "INST": "false"}, timeout=120)
+    assert "pretrain shard 0 from fresh weights" in p.stdout, p.stdout + p.stderr
+
+
+@pytest.mark.parametrize("token, owner, expect", [
+    (READ, "alice", "read-only token"),
+    ("hf_notAToken", "alice", "HF_TOKEN is not valid"),
+    (WRITE, "someone-else", "cannot create repos under 'someone-else'"),
+])
+def test_a_token_that_cannot_publish_stops_the_run_before_training(hub, tmp_path, token, owner, expect):
+    env = hub_env(tmp_path, hub)
+    env.update({"HF_TOKEN": token, "OUTPUT_REPO": f"{owner}/llama"})
+    p = run(["./trainer.sh"], env, timeout=300)
+    assert p.returncode == 2, p.stdout[-3000:] + p.stderr[-3000:]
+    assert expect in p.stdout and "[FAIL] output" in p.stdout
+    assert "=== prep" not in p.stdout and not Path(env["WORK_DIR"]).exists()
+    assert token not in p.stdout + p.stderr
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_hub_publish_leaves_the_published_state_loadable(hub, tmp_path):
+    """Shard 0 published; shard 1's publish killed with SIGKILL while its commit is in flight: the
+    repo still holds shard 0 (loadable, its record), and the rerun publishes shard 1 once."""
+    env = hub_env(tmp_path, hub)
+    env["MAX_RUNS"] = "1"
+    assert run(["./trainer.sh"], env, timeout=600).returncode == 0
+    before = dict(hub.repos["alice/llama"].files)
+    for cmd in (["python3", "prep.py"], ["deepspeed", "--log_level", "error", "--num_gpus", "1", "--master_port",
+                                          str(29800 + os.getpid() % 100), "train.py"]):
+        p = run(cmd, env, timeout=600)
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    stall = hub.fail("POST", r"/commit/", kind="delay", seconds=30)
+    proc = subprocess.Popen(["python3", "util.py", "publish"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    end = time.monotonic() + 120
+    while stall.fired == 0 and time.monotonic() < end:
+        time.sleep(0.1)
+    assert stall.fired == 1
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert hub.repos["alice/llama"].files == before
+    assert json.loads(before["training_state.json"])["next"] == {"inst": False, "init": 1}
+    _load_and_chat({**env, "HF_HOME": str(tmp_path / "reader")}, "alice/llama")
+    hub.clear_faults()
+    p = run(["python3", "util.py", "publish"], env, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert len(hub.commits("alice/llama")) == 2
+    assert json.loads(hub.repos["alice/llama"].files["training_state.json"])["next"] == {"inst": True, "init": 0}
