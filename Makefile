@@ -36,6 +36,8 @@ bench: setup
 	$(PY) bench/pipeline.py
 	$(PY) bench/quant.py
 	$(PY) bench/memory.py
+	$(PY) bench/resume.py
+	$(PY) bench/hub_faults.py
 
 clean:
 	rm -rf work output

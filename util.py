@@ -165,6 +165,20 @@ def recover_local(root: Path) -> None:
         old.rename(root)
     elif root.exists() and old.exists():
         shutil.rmtree(old)
+    if root.parent.exists():  # a publish killed while staging leaves its half-written copy
+        for stale in root.parent.glob(f"{root.name}.tmp-*"):
+            if stale.is_dir() and not _alive(stale.name.rsplit("-", 1)[-1]):
+                shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _swap_in(staged: Path, root: Path) -> None:

@@ -7,8 +7,11 @@ Trains one tiny shard (prep.py + train.py under the deepspeed launcher), then pu
 (tests/hub_double.py, HF_HUB_DISABLE_XET=1) with one fault injected per case: 5xx on the commit,
 429 with Retry-After, a dropped connection during an LFS upload, a stalled commit (past
 HUB_TIMEOUT), a commit that lands but whose answer is lost, a 403, a bad token, and a Hub that never
-recovers. Per case: exit code, retries seen, commits that landed, whether the published record is
-the run's, seconds. Prints one JSON line.
+recovers. Per case: exit code, faults the Hub served (each one a failed request the client had to
+get past: retried by this project's wrapper, which logs a line per retry, or by huggingface_hub's own
+backoff for single requests), retries logged, commits that landed, whether the published record is
+the run's, seconds, and for a failed publish whether a rerun without the fault publishes. Prints one
+JSON line.
 """
 
 from __future__ import annotations
@@ -81,8 +84,7 @@ def trained_work(tmp: Path) -> Path:
 def publish_case(work: Path, name: str, faults: list[dict]) -> dict:
     hub = HubDouble({TOKEN: {"name": "alice", "role": "write"}}).start()
     try:
-        for f in faults:
-            hub.fail(**f)
+        injected = [hub.fail(**f) for f in faults]
         case_work = work.with_name(f"work-{re.sub(r'[^a-z0-9]+', '-', name.lower())}")
         shutil.copytree(work, case_work, dirs_exist_ok=True)
         env = env_for(case_work, hub.endpoint)
@@ -92,6 +94,7 @@ def publish_case(work: Path, name: str, faults: list[dict]) -> dict:
         p = subprocess.run([sys.executable, "util.py", "publish"], cwd=ROOT, env=env, capture_output=True, text=True)
         seconds = time.perf_counter() - t
         retries = len(re.findall(r"^\[hub\] .*retry \d+ of", p.stdout, re.M))
+        # the faults served before the rerun below clears them
         landed = hub.commits(REPO)
         record = json.loads(hub.repos[REPO].files["training_state.json"]) if landed else None
         rerun = None
@@ -102,7 +105,8 @@ def publish_case(work: Path, name: str, faults: list[dict]) -> dict:
             rerun = {"exit": q.returncode, "commits": len(hub.commits(REPO))}
         leaked = any(TOKEN in x for x in (p.stdout, p.stderr)) or any(
             TOKEN.encode() in b for r in hub.repos.values() for b in r.files.values())
-        return {"case": name, "exit": p.returncode, "retries": retries, "commits": len(landed),
+        return {"case": name, "exit": p.returncode, "faults_served": sum(f.fired for f in injected),
+                "retries_logged": retries, "commits": len(landed),
                 "record_landed": record is not None and record.get("next") == {"inst": False, "init": 1},
                 "seconds": round(seconds, 2), "rerun": rerun, "token_leaked": leaked,
                 "error": (p.stderr.strip().splitlines() or [""])[-1][:300] if p.returncode else None}

@@ -11,7 +11,7 @@ returns what was uploaded, and faults injected on demand.
 Speaks: whoami-v2; repo create / info / auth-check; the model card's metadata check; preupload; the LFS batch API with basic
 transfers (the client is run with HF_HUB_DISABLE_XET=1: this double has no Xet storage); commits
 (ndjson: regular files, LFS files, deletions, parentCommit); resolve (HEAD and GET) at a branch or
-a commit; the tree listing; Space variables, runtime, pause and restart. Faults: an HTTP status
+a commit; the tree listing; Space auth-check, variables, runtime, pause and restart. Faults: an HTTP status
 (5xx, 429 with Retry-After, 401, 403), a dropped connection before the request is handled, a delay
 (the client's timeout), or a dropped connection after the request was applied (a commit that landed
 but whose answer was lost).
@@ -242,7 +242,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._error(403, f"You don't have the rights to create a repo under {repo_id.split('/')[0]}")
             if repo_id in d.repos:  # the Hub answers a conflict with the existing repo's url
                 return self._send(409, {"error": "You already created this model repo", "url": f"{d.endpoint}/{repo_id}"})
-            d.repos[repo_id] = Repo(req.get("type") or "model", bool(req.get("private")))
+            private = req.get("visibility", "private" if req.get("private") else "public") != "public"
+            d.repos[repo_id] = Repo(req.get("type") or "model", private)
             return self._send(200, {"url": f"{d.endpoint}/{repo_id}", "name": repo_id})
         if path == "/api/validate-yaml" and m == "POST":  # the model card's metadata
             content = json.loads(body)["content"]
@@ -341,6 +342,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(401 if user is None else 403, "You do not have write access to this Space")
         runtime = {"stage": sp.stage, "hardware": {"current": "cpu-basic", "requested": "cpu-basic"},
                    "storage": None, "gcTimeout": None, "replicas": {"current": 1, "requested": 1}}
+        if rest in ("/auth-check", "/auth-check/write") and m == "GET":
+            return self._send(200, {})
         if rest == "/variables" and m == "GET":
             return self._send(200, sp.variables)
         if rest == "/variables" and m == "POST":

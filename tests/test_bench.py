@@ -53,3 +53,28 @@ def test_memory_bench(env):
         assert c["measured"]["training_peak_bytes"] > 0 and c["estimate"]["training_bytes"] > 0
         assert abs(c["rel_error"]) <= 0.4, c
     assert out["max_abs_rel_error"] == max(abs(c["rel_error"]) for c in out["cases"])
+
+
+def test_resume_bench(env):
+    """Two budget stops and a SIGTERM, then the rest: the same batches in the same order, the same
+    optimizer steps, the final validation loss within 1% of one uninterrupted run."""
+    out = _json(run([sys.executable, "bench/resume.py", "--rows", "200", "--epochs", "2"], env, timeout=1500))
+    assert [s["by"] for s in out["stops"]] == ["the time budget", "the time budget", "a stop signal"], out
+    assert out["sigterm_exit"] == 3 and out["interruptions"] == 3
+    assert out["same_batches_in_order"] and out["steps_chain"] == out["steps_one_run"]
+    assert out["eval_loss_rel_diff"] <= 0.01
+    assert out["first_resumed_step_s"] > 0 and not out["checkpoint_left_after_finish"]
+
+
+def test_hub_faults_bench(env):
+    """Transient faults are retried and the commit lands once; permanent ones fail at once and a
+    rerun publishes; the token is in no output and no published file."""
+    out = _json(run([sys.executable, "bench/hub_faults.py"], env, timeout=900))
+    assert out["all_as_expected"], out
+    cases = {c["case"]: c for c in out["cases"]}
+    for name in ("commit 503 x2", "preupload 500 x1", "preupload 429 Retry-After 1s x2", "lfs upload dropped x1",
+                 "commit stalls past HUB_TIMEOUT x1", "commit lands, answer lost x1"):
+        assert cases[name]["exit"] == 0 and cases[name]["faults_served"] >= 1 and cases[name]["commits"] == 1, cases[name]
+    assert cases["commit 503 x2"]["retries_logged"] == 2
+    assert cases["commit 403"]["faults_served"] == 1 and cases["commit 403"]["exit"] == 2
+    assert cases["commit 503 forever"]["exit"] == 1 and cases["commit 503 forever"]["retries_logged"] == 4

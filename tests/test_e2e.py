@@ -178,6 +178,31 @@ def test_sigterm_mid_training_publishes_a_checkpoint_the_next_run_resumes(env):
     assert not (out / "last-checkpoint").exists()
 
 
+def test_sigkill_while_the_checkpoint_is_saved_loses_nothing(env):
+    """SIGTERM, then SIGKILL to every process the moment the trainer says it is saving: whatever
+    was published stays loadable and the next run finishes the shard."""
+    out, _, state_before = _first_shard(env)
+    model_before = _model_digest(out)
+    long = {k: v for k, v in env.items() if k != "MAX_STEPS"} | {"EPOCHS": "4"}
+    proc = _start(long)
+    try:
+        _wait_for(proc, "validation loss before training")
+        time.sleep(2)
+        proc.send_signal(signal.SIGTERM)
+        _wait_for(proc, "[train] stopped by")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        proc.stdout.close()
+    state = record(out)
+    assert _model_digest(out) == model_before and state["history"] == state_before["history"]
+    if "resume" in state:  # the checkpoint's publish got through before the kill: then it is whole
+        assert (out / "last-checkpoint" / "trainer_state.json").exists()
+    p = run(["./trainer.sh"], long, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert record(out)["next"] == {"inst": True, "init": 0} and not (out / "last-checkpoint").exists()
+
+
 def test_two_cpu_ranks_train_and_publish_once(env):
     env.update({"NUM_PROCESSES": "2", "MAX_RUNS": "1"})
     p = run(["./trainer.sh"], env, timeout=600)
