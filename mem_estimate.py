@@ -29,13 +29,13 @@ from typing import Any
 # Measured by bench/memory.py on CPU (bf16, DeepSpeed ZeRO-2, glibc malloc): what the terms above
 # do not account for, per parameter. Full training: DeepSpeed copies the weights into its flat
 # contiguous groups while the originals are still alive (1.2-6 bytes/parameter measured, noisy).
-# NF4 + LoRA on CPU: bitsandbytes repacks the 4-bit weights for its CPU kernels at the first
-# evaluation and dequantizes each layer to bf16 in training, and the allocator keeps those pages
-# (4.6-6 bytes/parameter measured; 10.9 on a 20M model without checkpointing). On GPU the
-# dequantization is per layer and transient: the NF4 figure there is the merged bf16 copy's
-# conversion buffer, an assumption not measured here.
+# NF4 + LoRA on CPU: bitsandbytes dequantizes each layer to bf16 in its forward and backward, the
+# merge builds fp32 layers one at a time beside the merged copy, and the allocator keeps those pages
+# (2.1-5.4 bytes/parameter measured, the most on the smallest model). On GPU the dequantization is
+# per layer and transient: the NF4 figure there is the merge's conversion buffer, an assumption not
+# measured here.
 FULL_INIT_BYTES_PER_PARAM = 3.5
-NF4_CPU_BYTES_PER_PARAM = 5.3
+NF4_CPU_BYTES_PER_PARAM = 3.0
 NF4_GPU_BYTES_PER_PARAM = 2.0
 RUNTIME_CPU_BYTES = 550 * 2**20  # torch + transformers + deepspeed + trl + bitsandbytes + peft imported (measured 506 MiB)
 RUNTIME_GPU_BYTES = 600 * 2**20  # CUDA context and kernels (not measured here)
@@ -60,19 +60,29 @@ def quantized_parameters(arch: dict[str, Any]) -> int:
     return int(arch["num_hidden_layers"]) * (2 * d * d + 2 * d * kv + 3 * d * ffn)
 
 
-def activation_values_per_token(arch: dict[str, Any], checkpointing: bool) -> float:
-    """Values kept for backward per token of a micro-batch (all layers)."""
+def _in_features(arch: dict[str, Any], target: str) -> int:
+    return int(arch["intermediate_size"]) if target == "down_proj" else int(arch["hidden_size"])
+
+
+def activation_values_per_token(arch: dict[str, Any], checkpointing: bool, lora: tuple[int, list[str], float] | None = None) -> float:
+    """Values kept for backward per token of a micro-batch (all layers). `lora` = (r, targets,
+    dropout): each adapter keeps its own dropped-out copy of the projection's input (none without
+    dropout) and its rank-r intermediate."""
     d, ffn, layers = int(arch["hidden_size"]), int(arch["intermediate_size"]), int(arch["num_hidden_layers"])
     per_layer = 17 * d + 4 * ffn + 3 * _kv_dim(arch)
+    if lora is not None:
+        r, targets, dropout = lora
+        per_layer += sum((_in_features(arch, t) if dropout > 0 else 0) + r for t in targets)
     if checkpointing:
         # each layer's input, plus one layer's activations and their gradients while it is recomputed
         return layers * d + 2 * per_layer
     return layers * per_layer + 2 * d
 
 
-def activation_bytes(arch: dict[str, Any], batch: int, seq: int, precision: str, checkpointing: bool) -> int:
+def activation_bytes(arch: dict[str, Any], batch: int, seq: int, precision: str, checkpointing: bool,
+                     lora: tuple[int, list[str], float] | None = None) -> int:
     value = 4 if precision == "fp32" else 2
-    return int(batch * seq * activation_values_per_token(arch, checkpointing) * value)
+    return int(batch * seq * activation_values_per_token(arch, checkpointing, lora) * value)
 
 
 @dataclass
@@ -91,7 +101,8 @@ class Estimate:
 
 
 def estimate(arch: dict[str, Any], *, precision: str, batch: int, seq: int, checkpointing: bool, nf4: bool,
-             lora_r: int = 16, lora_targets: list[str] | None = None, world: int = 1, gpu: bool = False) -> Estimate:
+             lora_r: int = 16, lora_targets: list[str] | None = None, lora_dropout: float = 0.05, world: int = 1,
+             gpu: bool = False) -> Estimate:
     """Peak memory of one run of train.py with these settings (see the module doc for the model)."""
     from config import LORA_MODULES, count_parameters
 
@@ -112,7 +123,8 @@ def estimate(arch: dict[str, Any], *, precision: str, batch: int, seq: int, chec
     states = 16 if precision != "fp32" else 12  # master fp32 (not in fp32 runs) + m + v + fp32 grads
     optimizer = -(-trainable * states // world)
     gradients = trainable * half + int(REDUCE_BUCKET * half)  # DeepSpeed allocates the whole bucket
-    activations = activation_bytes(arch, batch, seq, precision, checkpointing)
+    lora = (lora_r, lora_targets or list(LORA_MODULES), lora_dropout) if nf4 else None
+    activations = activation_bytes(arch, batch, seq, precision, checkpointing, lora)
     # After training: the published copy in the storage dtype beside everything above.
     final_copy = params * half
     train_phase = weights + optimizer + gradients + activations
@@ -128,7 +140,7 @@ def estimate(arch: dict[str, Any], *, precision: str, batch: int, seq: int, chec
 def for_settings(s, arch: dict[str, Any], precision: str, *, world: int, gpu: bool, nf4: bool,
                  checkpointing: bool) -> Estimate:
     return estimate(arch, precision=precision, batch=s.batch_size, seq=s.max_length, checkpointing=checkpointing,
-                    nf4=nf4, lora_r=s.lora_r, lora_targets=[t.strip() for t in s.lora_targets.split(",")],
+                    nf4=nf4, lora_r=s.lora_r, lora_targets=[t.strip() for t in s.lora_targets.split(",")], lora_dropout=s.lora_dropout,
                     world=world, gpu=gpu)
 
 
@@ -166,7 +178,8 @@ def plan(s, arch: dict[str, Any], precision: str, *, nf4: bool, world: int, gpu:
     def est(**over) -> Estimate:
         kw = {"batch": s.batch_size, "nf4": nf4, "world": world, "checkpointing": False, **over}
         return estimate(arch, precision=precision, seq=s.max_length, lora_r=s.lora_r,
-                        lora_targets=[t.strip() for t in s.lora_targets.split(",")], gpu=gpu, **kw)
+                        lora_targets=[t.strip() for t in s.lora_targets.split(",")], lora_dropout=s.lora_dropout,
+                        gpu=gpu, **kw)
 
     if s.gradient_checkpointing == "auto":
         ckpt = est().peak_bytes > budget

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 import shutil
 import sys
@@ -28,7 +27,7 @@ from typing import Any, Iterable
 from config import (BadInput, Settings, architecture, count_parameters, load_settings, report,
                     resolve_precision)
 from quant_utils import convert, verify_checkpoint
-from util import HubError, RunPlan, materialize, plan_run
+from util import HubError, RunPlan, link_or_copy, materialize, plan_run
 
 BOS, EOS, PAD, UNK = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>", "<|unk|>"
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
@@ -306,17 +305,10 @@ def fetch_checkpoint(s: Settings, plan: RunPlan, out: Path) -> Path:
         raise BadInput([f"{plan.target}/last-checkpoint: the record says to resume at step {plan.resume['step']}, but "
                         "the checkpoint is missing or incomplete. Fix: delete the \"resume\" entry of training_state.json "
                         "there to train the shard anew."])
-    shutil.copytree(src, out, copy_function=_link_or_copy)
+    shutil.copytree(src, out, copy_function=link_or_copy)
     log(f"checkpoint: resuming {plan.stage} shard {plan.shard} at step {plan.resume['step']} "
         f"(stopped by {plan.resume.get('stop_reason', 'an interruption')})")
     return out
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
 
 
 def take_model(src: Path, out: Path, want: str, compute: str, fmt: dict[str, Any]) -> dict[str, Any]:
@@ -326,10 +318,7 @@ def take_model(src: Path, out: Path, want: str, compute: str, fmt: dict[str, Any
         out.mkdir(parents=True)
         for f in src.iterdir():
             if f.is_file() and (f.suffix in {".safetensors", ".json"} and f.name != "training_state.json"):
-                try:
-                    os.link(f, out / f.name)
-                except OSError:
-                    shutil.copy2(f, out / f.name)
+                link_or_copy(str(f), str(out / f.name))
         log(f"checkpoint: {fmt['format']} ({fmt['dtype']}), {fmt['tensors']} tensors, used as is")
     else:
         t = time.perf_counter()

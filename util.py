@@ -294,7 +294,7 @@ def publish_checkpoint(s: Settings, plan: RunPlan, work: Path, metrics: dict[str
         if staged.exists():
             shutil.rmtree(staged)
         if root.exists():
-            shutil.copytree(root, staged, ignore=shutil.ignore_patterns("last-checkpoint"), copy_function=_link_or_copy)
+            shutil.copytree(root, staged, ignore=shutil.ignore_patterns("last-checkpoint"), copy_function=link_or_copy)
         else:
             staged.mkdir()
         shutil.copytree(ckpt, staged / "last-checkpoint")
@@ -315,7 +315,8 @@ def publish_checkpoint(s: Settings, plan: RunPlan, work: Path, metrics: dict[str
     return record
 
 
-def _link_or_copy(src: str, dst: str) -> None:
+def link_or_copy(src: str, dst: str) -> None:
+    """A hard link where the filesystem allows it (no copy of large weights), else a copy."""
     try:
         os.link(src, dst)
     except OSError:

@@ -8,12 +8,11 @@
    bf16 dequantization, adapters unmerged), (b) our merge (quant_utils.to_float: fp32 merge, plain
    bf16 weights), (c) PEFT's merge_and_unload into the 4-bit weights.
 2. NF4 -> bf16 -> NF4 (quant_utils.convert both ways): every stored tensor compared bit for bit.
-3. Peak memory of 3 training steps (batch 4 x 256 tokens) of a ~110M model through train.py's own
-   trainer (TRL + DeepSpeed ZeRO-2, bf16 with fp32 master weights and AdamW states): full training
-   (USE_QUANT=false) vs NF4 base + LoRA (USE_QUANT=true, r=16 on every projection), each in its own
-   process, with gradient checkpointing on in both (the usual QLoRA setting; peak_mem_ratio) and off
-   in both. Measured as the process's peak resident memory (VmHWM) minus its resident memory before
-   the model was loaded, libraries already imported; the absolute figures are printed.
+3. Peak memory of a ~110M model through train.py's own fit (3 steps of batch 4 x 256 tokens, TRL +
+   DeepSpeed ZeRO-2, bf16 with fp32 master weights and AdamW states, then the merge and the save):
+   full training (USE_QUANT=false) vs NF4 base + LoRA (USE_QUANT=true, r=16 on every projection),
+   each in its own process as bench/memory.py measures it, with gradient checkpointing on in both
+   (the usual QLoRA setting; peak_mem_ratio) and off in both. The absolute figures are printed.
 
 Prints one JSON line.
 """
@@ -25,20 +24,12 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
-
-def rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def perplexity(model, blocks, batch: int = 16) -> tuple[float, object]:
@@ -148,69 +139,15 @@ def round_trip(work: Path) -> dict:
     return {"nf4_roundtrip_identical": same, "nf4_quantized_tensors": len(quantized)}
 
 
-def memory_case(case: str, model_dir: str, checkpointing: bool) -> dict:
-    """Runs in its own process: 3 steps of train.py's own trainer (TRL + DeepSpeed ZeRO-2, bf16) on
-    the prepared model, USE_QUANT=false ('full') or true ('nf4'); peak resident memory around them."""
-    import shutil
-
-    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                 "MASTER_PORT": str(29300 + os.getpid() % 500), "DS_ACCELERATOR": "cpu"}.items():
-        os.environ.setdefault(k, v)
-    import bitsandbytes  # noqa: F401 - imported before the baseline so libraries count in neither case
-    import deepspeed  # noqa: F401
-    import peft  # noqa: F401
-    import torch
-    import transformers
-
-    import train
-    from config import load_settings
-    from prep import to_dataset, train_tokenizer
-
-    transformers.utils.logging.set_verbosity_error()
-    work = Path(tempfile.mkdtemp(prefix=f"mem-{case}-"))
-    prepared = work / "prepared"
-    src = Path(model_dir) if case == "full" else Path(model_dir).with_name("mem_nf4")
-    shutil.copytree(src, prepared / "model")
-    arch = json.loads((prepared / "model" / "config.json").read_text())
-    tok = train_tokenizer(["a small corpus for the tokenizer of the memory benchmark"] * 20, 300, 256)
-    tok.save_pretrained(prepared / "tokenizer")
-    torch.manual_seed(0)
-    rows = torch.randint(0, arch["vocab_size"], (16, 256)).tolist()
-    to_dataset(rows[:12]).save_to_disk(prepared / "train")
-    to_dataset(rows[12:]).save_to_disk(prepared / "val")
-    (prepared / "manifest.json").write_text(json.dumps({"architecture": arch, "train_format": "float" if case == "full" else "nf4"}))
-    s = load_settings({"BATCH_SIZE": "4", "MAX_LENGTH": "256", "MAX_STEPS": "3", "TIME_BUDGET": "10h",
-                       "GRADIENT_CHECKPOINTING": "true" if checkpointing else "false", "WORK_DIR": str(work),
-                       "USE_QUANT": "false" if case == "full" else "true"})
-    before = rss_kib("VmRSS")
-    trainer, _, _ = train.build_trainer(s, prepared, work, "bf16", [])
-    trainer.train()
-    peak = rss_kib("VmHWM")
-    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    return {"rss_before_model_kib": before, "peak_kib": peak, "training_peak_bytes": (peak - before) * 1024,
-            "trainable_parameters": trainable}
-
-
 def peak_memory(work: Path, target: str) -> dict:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """Full bf16 training vs NF4 + LoRA on the same fresh model, each case measured by bench/memory.py
+    (train.py's fit in its own process), with gradient checkpointing on in both and off in both."""
+    from config import count_parameters
+    from memory import make_model, run_case
 
-    from config import parse_count, size_for_target
-
-    arch = size_for_target(parse_count(target), 8192)
-    model = LlamaForCausalLM(LlamaConfig(**arch, max_position_embeddings=256)).to(torch.bfloat16)
-    n = sum(p.numel() for p in model.parameters())
-    model.save_pretrained(work / "mem")
-    del model
-    from quant_utils import convert
-
-    convert(work / "mem", work / "mem_nf4", "nf4", "bf16")
-    cases = {}
-    for ckpt in ("on", "off"):
-        for case in ("full", "nf4"):
-            p = subprocess.run([sys.executable, __file__, "--memory-case", case, str(work / "mem"), ckpt],
-                               capture_output=True, text=True, check=True)
-            cases[f"{case}_checkpointing_{ckpt}"] = json.loads(p.stdout.strip().splitlines()[-1])
+    n = count_parameters(make_model(target, 256, work / "mem"))
+    cases = {f"{case}_checkpointing_{'on' if ckpt else 'off'}": run_case(case, work / "mem", 4, 256, 3, ckpt)
+             for ckpt in (True, False) for case in ("full", "nf4")}
     ratio = {c: cases[f"nf4_checkpointing_{c}"]["training_peak_bytes"] / cases[f"full_checkpointing_{c}"]["training_peak_bytes"]
              for c in ("on", "off")}
     return {
@@ -220,10 +157,11 @@ def peak_memory(work: Path, target: str) -> dict:
         "peak_mem_nf4_lora_bytes": cases["nf4_checkpointing_on"]["training_peak_bytes"],
         "memory_model_parameters": n,
         "memory_cases": cases,
-        "memory_method": "per case, own process: train.py's trainer (TRL + DeepSpeed ZeRO-2, bf16 with fp32 master "
-                         "weights and AdamW states on the trainable parameters), 3 steps of batch 4 x 256, gradient "
-                         "checkpointing on in both (peak_mem_ratio) or off in both; peak resident memory (VmHWM) minus "
-                         "resident memory before the model was loaded (libraries already imported)",
+        "memory_method": "per case, own process (bench/memory.py): train.py's fit (validation, TRL + DeepSpeed ZeRO-2 "
+                         "training with bf16 weights, fp32 master weights and AdamW states on the trainable parameters, "
+                         "the LoRA merge, the final save), 3 steps of batch 4 x 256, gradient checkpointing on in both "
+                         "(peak_mem_ratio) or off in both; peak resident memory (VmHWM) minus resident memory with the "
+                         "libraries imported",
     }
 
 
@@ -232,16 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pretrain-steps", type=int, default=150)
     ap.add_argument("--lora-steps", type=int, default=300)
     ap.add_argument("--memory-target", default="110M", help="size of the model of the memory comparison")
-    ap.add_argument("--memory-case", nargs=3, metavar=("CASE", "MODEL_DIR", "CHECKPOINTING"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     import transformers
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    if args.memory_case:
-        case, model_dir, ckpt = args.memory_case
-        print(json.dumps(memory_case(case, model_dir, ckpt == "on")))
-        return 0
     work = Path(tempfile.mkdtemp(prefix="bench-quant-"))
     out = {"bench": "quant", **merge_fidelity(args, work), **round_trip(work), **peak_memory(work, args.memory_target),
            "machine": {"cpu": platform.machine(), "cores": os.cpu_count()}}

@@ -294,7 +294,7 @@ class _Handler(BaseHTTPRequestHandler):
                                     "tags": [], "downloads": 0, "likes": 0})
         if rest in ("/auth-check", "/auth-check/write") and m == "GET":
             if rest.endswith("write") and not self._can_write(user, repo_id):
-                return self._error(403, "You do not have write access to this repository", "GatedRepo" if False else None)
+                return self._error(403, "You do not have write access to this repository")
             return self._send(200, {})
         mm = re.fullmatch(r"/preupload/([^/]+)", rest)
         if mm and m == "POST":
@@ -337,7 +337,7 @@ class _Handler(BaseHTTPRequestHandler):
         return self._error(404, f"no route for {m} /api/{kind}s/{repo_id}{rest}")
 
     def _space(self, repo_id: str, rest: str, body: bytes, user) -> None:
-        d, m, sp = self.double, self.command, self.double.spaces[repo_id]
+        m, sp = self.command, self.double.spaces[repo_id]
         if not self._can_write(user, repo_id):
             return self._error(401 if user is None else 403, "You do not have write access to this Space")
         runtime = {"stage": sp.stage, "hardware": {"current": "cpu-basic", "requested": "cpu-basic"},

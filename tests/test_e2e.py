@@ -211,6 +211,16 @@ def test_two_cpu_ranks_train_and_publish_once(env):
     rec = record(env["OUTPUT_REPO"])
     assert len(rec["history"]) == 1 and rec["history"][0]["world_size"] == 2
     assert rec["next"] == {"inst": False, "init": 1}
+    # Out of time: both ranks stop at the same step; the next run resumes both from the checkpoint.
+    p = run(["./trainer.sh"], {**env, "TIME_BUDGET": "1s"}, timeout=600)
+    assert p.returncode == 0 and "stopped by the time budget at step 1 of 6" in p.stdout, p.stdout[-4000:] + p.stderr[-3000:]
+    rec = record(env["OUTPUT_REPO"])
+    assert rec["resume"]["step"] == 1 and rec["next"] == {"inst": False, "init": 1}
+    assert len(list((Path(env["OUTPUT_REPO"]) / "last-checkpoint").glob("global_step1/*optim_states.pt"))) == 2
+    p = run(["./trainer.sh"], env, timeout=600)
+    assert p.returncode == 0 and "resuming at step 1 of this shard" in p.stdout, p.stdout[-4000:] + p.stderr[-3000:]
+    last = record(env["OUTPUT_REPO"])["history"][-1]
+    assert last["steps"] == 6 and last["world_size"] == 2 and last["interruptions"] == 1
 
 
 def test_every_conversion_path_between_runs_publishes_plain_bf16(env, tmp_path):
