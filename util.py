@@ -483,10 +483,14 @@ class Hub:
         if sha is None:
             raise HubError(f"{repo}: no such repo on the Hub (or HF_TOKEN cannot see it)")
         dst = into / repo.replace("/", "--") / sha
-        if not (dst / ".complete").exists():
+        done = dst / f".complete-{'allow' if allow else 'ignore'}-{'-'.join(allow or ignore or []).replace('/', '_')}"
+        if not done.exists():  # each selection of files (the model, the checkpoint) is fetched once
             self.call(f"download {repo}", snapshot_download, repo, revision=sha, local_dir=dst, token=self.token or False,
                       ignore_patterns=ignore, allow_patterns=allow, cache_dir=self.cache())
-            (dst / ".complete").write_text(sha)
+            done.write_text(sha)
+        for old in dst.parent.iterdir():  # earlier snapshots of this repo are no longer needed
+            if old != dst and old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
         return dst
 
     def cache(self) -> str:

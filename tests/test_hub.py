@@ -155,3 +155,28 @@ def test_sigkill_during_a_hub_publish_leaves_the_published_state_loadable(hub, t
     assert p.returncode == 0, p.stdout + p.stderr
     assert len(hub.commits("alice/llama")) == 2
     assert json.loads(hub.repos["alice/llama"].files["training_state.json"])["next"] == {"inst": True, "init": 0}
+
+
+@pytest.mark.slow
+def test_a_shard_stopped_on_the_hub_resumes_from_its_published_checkpoint(hub, tmp_path):
+    """Out of time mid-shard in a Space: the checkpoint is committed beside the published model, the
+    Space restarted; the next start resumes it, and the commit that finishes the shard deletes it."""
+    env = hub_env(tmp_path, hub)
+    env.update({"SPACE_ID": "alice/trainer"})
+    assert run(["./trainer.sh"], env, timeout=600).returncode == 0  # shard 0
+    space = hub.spaces["alice/trainer"]
+    variables = {k: v["value"] for k, v in space.variables.items()}
+    model = hub.repos["alice/llama"].files["model.safetensors"]
+    p = run(["./trainer.sh"], {**env, **variables, "TIME_BUDGET": "1s"}, timeout=600)
+    assert p.returncode == 0 and "stopped by the time budget at step 1 of 6" in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]
+    files = hub.repos["alice/llama"].files
+    assert "last-checkpoint/trainer_state.json" in files and files["model.safetensors"] == model
+    assert json.loads(files["training_state.json"])["resume"]["step"] == 1
+    assert space.events[-1] == "restart" and {k: v["value"] for k, v in space.variables.items()} == variables
+    p = run(["./trainer.sh"], {**env, **variables}, timeout=600)
+    assert p.returncode == 0 and "resuming at step 1 of this shard" in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]
+    files = hub.repos["alice/llama"].files
+    assert not any(f.startswith("last-checkpoint/") for f in files) and files["model.safetensors"] != model
+    record = json.loads(files["training_state.json"])
+    assert "resume" not in record and record["history"][-1]["steps"] == 6 and record["history"][-1]["interruptions"] == 1
+    assert space.variables["INST"]["value"] == "true"
