@@ -23,7 +23,7 @@ The model of a run (per rank; one rank per GPU, or every rank in the same RAM on
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 # Measured by bench/memory.py on CPU (bf16, DeepSpeed ZeRO-2, glibc malloc): what the terms above
@@ -89,10 +89,10 @@ def activation_bytes(arch: dict[str, Any], batch: int, seq: int, precision: str,
 class Estimate:
     device: str  # "gpu" or "cpu"
     world: int
-    per_rank: dict[str, int] = field(default_factory=dict)
-    runtime_bytes: int = 0
-    peak_bytes: int = 0  # per GPU on GPU; the whole machine's RAM on CPU (every rank)
-    training_bytes: int = 0  # per rank, without the runtime: what bench/memory.py measures
+    per_rank: dict[str, int]
+    runtime_bytes: int
+    peak_bytes: int  # per GPU on GPU; the whole machine's RAM on CPU (every rank)
+    training_bytes: int  # per rank, without the runtime: what bench/memory.py measures
 
     def as_dict(self) -> dict[str, Any]:
         return {"device": self.device, "world": self.world, "per_rank": self.per_rank,
@@ -132,16 +132,8 @@ def estimate(arch: dict[str, Any], *, precision: str, batch: int, seq: int, chec
                 "final_copy": final_copy, "loading": loading, "workspace": workspace}
     training = max(train_phase, weights + optimizer + gradients + final_copy, loading) + workspace
     runtime = RUNTIME_GPU_BYTES if gpu else RUNTIME_CPU_BYTES
-    out = Estimate("gpu" if gpu else "cpu", world, per_rank, runtime, 0, training)
-    out.peak_bytes = training + runtime if gpu else world * (training + runtime)
-    return out
-
-
-def for_settings(s, arch: dict[str, Any], precision: str, *, world: int, gpu: bool, nf4: bool,
-                 checkpointing: bool) -> Estimate:
-    return estimate(arch, precision=precision, batch=s.batch_size, seq=s.max_length, checkpointing=checkpointing,
-                    nf4=nf4, lora_r=s.lora_r, lora_targets=[t.strip() for t in s.lora_targets.split(",")], lora_dropout=s.lora_dropout,
-                    world=world, gpu=gpu)
+    peak = training + runtime if gpu else world * (training + runtime)
+    return Estimate("gpu" if gpu else "cpu", world, per_rank, runtime, peak, training)
 
 
 HEADROOM = 0.9  # a run is planned to fit in 90% of the memory it has
@@ -175,11 +167,12 @@ def plan(s, arch: dict[str, Any], precision: str, *, nf4: bool, world: int, gpu:
     creates the model, which trains every weight even with USE_QUANT."""
     budget = int(available * HEADROOM)
 
+    from config import lora_config
+
     def est(**over) -> Estimate:
         kw = {"batch": s.batch_size, "nf4": nf4, "world": world, "checkpointing": False, **over}
         return estimate(arch, precision=precision, seq=s.max_length, lora_r=s.lora_r,
-                        lora_targets=[t.strip() for t in s.lora_targets.split(",")], lora_dropout=s.lora_dropout,
-                        gpu=gpu, **kw)
+                        lora_targets=lora_config(s)["target_modules"], lora_dropout=s.lora_dropout, gpu=gpu, **kw)
 
     if s.gradient_checkpointing == "auto":
         ckpt = est().peak_bytes > budget

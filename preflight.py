@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from config import EXIT_BAD_INPUT, BadInput, Settings, architecture, count_parameters, cpu_has_bf16, is_local_target, load_settings, local_path
+from util import HubError, RunPlan, hub, plan_run
 
 
 @dataclass
@@ -45,23 +46,18 @@ def check_settings() -> tuple[Settings | None, Check]:
                     "a new tokenizer may end smaller on a small corpus)", data={"architecture": arch})
 
 
-def check_plan(s: Settings) -> Check:
-    from util import plan_run
-
-    plan = plan_run(s)
+def check_plan(s: Settings, plan: RunPlan) -> Check:
     return Check("run state", True, plan.describe(), data={"plan": asdict(plan)})
 
 
-def check_data(s: Settings) -> Check:
+def check_data(s: Settings, plan: RunPlan) -> Check:
     """The dataset of this run's stage: readable, non-empty, expected columns, first rows well formed."""
     import datasets
 
     from prep import load_rows, pretrain_texts, shard_bounds, to_messages
-    from util import plan_run
 
     datasets.disable_progress_bars()
 
-    plan = plan_run(s)
     var, spec = ("INSTRUCT_DATASET", s.instruct_dataset) if plan.inst else ("INPUT_DATASET", s.input_dataset)
     if plan.done:
         return Check("data", True, "nothing to read: the pipeline is done")
@@ -89,8 +85,6 @@ def check_output(s: Settings) -> Check:
         if not os.access(parent, os.W_OK):
             problems.append(f"{p}: not writable (nearest existing directory {parent}). Fix: choose a writable OUTPUT_REPO / WORK_DIR.")
     if not is_local_target(s.output_repo) or s.space_id:
-        from util import hub
-
         repos = [] if is_local_target(s.output_repo) else [s.output_repo, f"{s.output_repo}-it"]
         problems += hub(s).check_access(repos)
     if problems:
@@ -130,20 +124,12 @@ def check_hardware(s: Settings) -> Check:
                  f"{info['ram_bytes'] / 2**30:.1f} GiB free", data=info)
 
 
-def _run_shape(s: Settings) -> tuple[dict[str, Any], Any, bool]:
-    """The architecture, plan and storage format (NF4 or not) of this run, as prep.py will make them."""
-    from util import plan_run
-
-    plan = plan_run(s)
-    return architecture(s), plan, s.use_quant and plan.source is not None
-
-
-def check_memory(s: Settings) -> Check:
+def check_memory(s: Settings, plan: RunPlan) -> Check:
     """The estimated peak of this run (mem_estimate.py) against the memory it will have."""
     import mem_estimate as me
     from config import resolve_precision
 
-    arch, plan, nf4 = _run_shape(s)
+    arch, nf4 = architecture(s), plan.train_format(s.use_quant) == "nf4"
     if plan.done:
         return Check("memory", True, "nothing to train: the pipeline is done")
     available, gpu, gpus = me.available_memory()
@@ -181,15 +167,15 @@ def _size_of(spec: str) -> int | None:
     return None  # a Hub dataset: its size is not known before it is downloaded
 
 
-def disk_needed(s: Settings, rows: int | None) -> dict[str, int]:
+def disk_needed(s: Settings, plan: RunPlan, rows: int | None) -> dict[str, int]:
     """Bytes this run writes: the datasets cache (a local file is converted to Arrow once), the
     prepared shard (token ids as int32 plus labels, ~2 tokens per 4 bytes of text), the models (the
     prepared copy, the trained one, the published one and the previous publish kept until the new
     one is in place) and the full-state checkpoint (weights, fp32 master, AdamW moments)."""
     from config import count_parameters
 
-    arch, plan, nf4 = _run_shape(s)
-    n = count_parameters(arch)
+    n = count_parameters(architecture(s))
+    nf4 = plan.train_format(s.use_quant) == "nf4"
     spec = s.instruct_dataset if plan.inst else s.input_dataset
     raw = _size_of(spec) or 0
     shard = raw * min(1.0, s.shard_size / rows) if rows else raw
@@ -200,10 +186,10 @@ def disk_needed(s: Settings, rows: int | None) -> dict[str, int]:
             "checkpoint": (int(n * 0.6) if nf4 else model) + 12 * trainable}
 
 
-def check_disk(s: Settings, rows: int | None = None) -> Check:
+def check_disk(s: Settings, plan: RunPlan, rows: int | None = None) -> Check:
     import mem_estimate as me
 
-    need = disk_needed(s, rows)
+    need = disk_needed(s, plan, rows)
     total = sum(need.values())
     dirs = {Path(s.work_dir).resolve(), Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")).resolve()}
     if is_local_target(s.output_repo):
@@ -229,9 +215,21 @@ def run_checks() -> list[Check]:
     if s is None:
         return checks
 
-    def guarded(section: str, fn: Callable[[], Check]) -> Check:
-        from util import HubError
+    # The plan is read once (from the Hub, several requests); the checks that need it fail with its
+    # problem when it cannot be made.
+    try:
+        plan, plan_error = plan_run(s), None
+    except (BadInput, HubError) as e:
+        plan, plan_error = None, e
 
+    def planned(fn: Callable[..., Check], *args) -> Callable[[], Check]:
+        def check() -> Check:
+            if plan_error is not None:
+                raise plan_error
+            return fn(s, plan, *args)
+        return check
+
+    def guarded(section: str, fn: Callable[[], Check]) -> Check:
         try:
             check = fn()
         except BadInput as e:
@@ -241,12 +239,12 @@ def run_checks() -> list[Check]:
         checks.append(check)
         return check
 
-    guarded("run state", lambda: check_plan(s))
-    data = guarded("data", lambda: check_data(s))
+    guarded("run state", planned(check_plan))
+    data = guarded("data", planned(check_data))
     guarded("output", lambda: check_output(s))
     guarded("hardware", lambda: check_hardware(s))
-    guarded("memory", lambda: check_memory(s))
-    guarded("disk", lambda: check_disk(s, data.data.get("rows")))
+    guarded("memory", planned(check_memory))
+    guarded("disk", planned(check_disk, data.data.get("rows")))
     return checks
 
 

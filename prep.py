@@ -24,10 +24,10 @@ from pathlib import Path
 from dataclasses import asdict
 from typing import Any, Iterable
 
-from config import (BadInput, Settings, architecture, count_parameters, load_settings, report,
-                    resolve_precision)
+from config import (BadInput, Settings, architecture, count_parameters, is_local_target, load_settings, local_path,
+                    report, resolve_precision)
 from quant_utils import convert, verify_checkpoint
-from util import HubError, RunPlan, link_or_copy, materialize, plan_run
+from util import HubError, RunPlan, hub, link_or_copy, materialize, plan_run
 
 BOS, EOS, PAD, UNK = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>", "<|unk|>"
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
@@ -293,13 +293,9 @@ def data_fingerprint(seqs: list[list[int]]) -> str:
 def fetch_checkpoint(s: Settings, plan: RunPlan, out: Path) -> Path:
     """The published last-checkpoint/ of the plan's target in `out` (linked or copied locally,
     downloaded from the Hub)."""
-    from config import is_local_target, local_path
-
     if is_local_target(plan.target):
         src = local_path(plan.target) / "last-checkpoint"
     else:
-        from util import hub
-
         src = hub(s).download(plan.target, Path(s.work_dir) / "hub", allow=["last-checkpoint/*"]) / "last-checkpoint"
     if not (src / "trainer_state.json").exists():
         raise BadInput([f"{plan.target}/last-checkpoint: the record says to resume at step {plan.resume['step']}, but "
@@ -349,8 +345,7 @@ def prepare(s: Settings, plan: RunPlan) -> dict[str, Any]:
     # run before any data is read.
     source_dir = materialize(plan.source, s) if plan.source is not None else None
     source_format = verify_checkpoint(source_dir) if source_dir is not None else None
-    # USE_QUANT trains LoRA on a frozen NF4 base; a first pretraining run has no base worth freezing.
-    train_format = "nf4" if s.use_quant and plan.source is not None else "float"
+    train_format = plan.train_format(s.use_quant)
     if s.use_quant and plan.source is None:
         log("USE_QUANT=true on the first pretraining run: random weights frozen in 4-bit would teach nothing, "
             "so this run trains every weight in full precision; later runs train NF4 + LoRA")

@@ -25,8 +25,6 @@ from typing import Any
 
 from config import EXIT_BAD_INPUT, BadInput, Settings, deepspeed_config, load_settings, report, resolve_precision
 
-
-
 DATA_ORDER = "data_order.json"
 
 
@@ -63,7 +61,7 @@ def build_trainer(s: Settings, prepared: Path, out: Path, precision: str, callba
         # One digest per micro-batch, in training order (a resumed shard starts with the digests of
         # the steps before the interruption, carried in the checkpoint): runs/data_order.json shows
         # that a chain of runs trained on exactly the batches of one uninterrupted run.
-        batch_digests: list[str] = []
+        batch_digests: list[str]  # set below, before training
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             ids = inputs["input_ids"].detach().cpu().numpy().tobytes()
@@ -263,8 +261,8 @@ def fit(s: Settings, work: Path) -> int:
             "to publish as last-checkpoint/ (the next run resumes here; the state does not advance)")
         if trainer.is_world_process_zero():
             save_checkpoint(trainer, work, {
-                "run_id": manifest["run_id"], "partial": True, "data_fingerprint": manifest["data_fingerprint"], "stop_reason": budget.stopped, "step": step,
-                "max_steps": trainer.state.max_steps, "eval_loss_before": before,
+                "run_id": manifest["run_id"], "partial": True, "data_fingerprint": manifest["data_fingerprint"],
+                "stop_reason": budget.stopped, "step": step, "max_steps": trainer.state.max_steps, "eval_loss_before": before,
                 "samples_seen": step * s.batch_size * s.gradient_accumulation_steps * world,
                 "tokens": int(trainer.state.num_input_tokens_seen), "train_runtime_s": runtime,
                 "first_step_s": budget.first_step_s})
@@ -323,50 +321,52 @@ def merge_checked(peft_model, trainer, precision: str, adapter_loss: float, metr
     return merged
 
 
+def _write_final(work: Path, fill, metrics: dict[str, Any]) -> None:
+    """WORK_DIR/final = what `fill(staged)` writes plus metrics.json, written beside and renamed in."""
+    staged, final = work / "final.tmp", work / "final"
+    if staged.exists():
+        shutil.rmtree(staged)
+    staged.mkdir()
+    fill(staged)
+    (staged / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    staged.rename(final)
+
+
 def save_checkpoint(trainer, work: Path, metrics: dict[str, Any]) -> None:
     """WORK_DIR/final = the trainer's full-state checkpoint (model or adapters, DeepSpeed's optimizer
     and fp32 master weights, scheduler, RNG states, trainer state) as last-checkpoint/, beside a
-    metrics.json that marks the run partial. Written beside and renamed in."""
+    metrics.json that marks the run partial."""
     from transformers.trainer_utils import get_last_checkpoint
 
     src = get_last_checkpoint(str(work / "trainer"))
     if src is None:
         raise RuntimeError(f"the trainer saved no checkpoint under {work / 'trainer'}")
-    staged, final = work / "final.tmp", work / "final"
-    if staged.exists():
-        shutil.rmtree(staged)
-    staged.mkdir()
-    shutil.copytree(src, staged / "last-checkpoint")
-    (staged / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    if final.exists():
-        shutil.rmtree(final)
-    staged.rename(final)
+    _write_final(work, lambda staged: shutil.copytree(src, staged / "last-checkpoint"), metrics)
 
 
 def save_final(model, tok, work: Path, precision: str, metrics: dict[str, Any]) -> None:
-    """The trained model in HF layout (bf16 when trained in bf16, else fp32), written beside and renamed in."""
+    """The trained model in HF layout (bf16 when trained in bf16, else fp32) with its tokenizer,
+    generation config and TensorBoard traces."""
     from transformers import GenerationConfig
 
     from quant_utils import storage_dtype
 
-    staged, final = work / "final.tmp", work / "final"
-    if staged.exists():
-        shutil.rmtree(staged)
     dtype = storage_dtype(precision)
-    state = {k: v.detach().to("cpu", dtype) for k, v in model.state_dict().items()}
-    model.config.dtype = dtype
-    model.config.use_cache = True
-    model.save_pretrained(staged, state_dict=state, safe_serialization=True)
-    tok.save_pretrained(staged)
-    GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                     do_sample=True, temperature=0.7, top_p=0.9, max_new_tokens=128).save_pretrained(staged)
-    runs = work / "runs"
-    if runs.exists():
-        shutil.copytree(runs, staged / "runs")
-    (staged / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    if final.exists():
-        shutil.rmtree(final)
-    staged.rename(final)
+
+    def fill(staged: Path) -> None:
+        state = {k: v.detach().to("cpu", dtype) for k, v in model.state_dict().items()}
+        model.config.dtype = dtype
+        model.config.use_cache = True
+        model.save_pretrained(staged, state_dict=state, safe_serialization=True)
+        tok.save_pretrained(staged)
+        GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                         do_sample=True, temperature=0.7, top_p=0.9, max_new_tokens=128).save_pretrained(staged)
+        if (work / "runs").exists():
+            shutil.copytree(work / "runs", staged / "runs")
+
+    _write_final(work, fill, metrics)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,6 +46,11 @@ class RunPlan:
     def inst(self) -> bool:
         return self.stage == "instruct"
 
+    def train_format(self, use_quant: bool) -> str:
+        """'nf4' (LoRA on a frozen NF4 base) or 'float'. USE_QUANT applies from the second run: the
+        run that creates the model has random weights, which frozen in 4-bit would teach nothing."""
+        return "nf4" if use_quant and self.source is not None else "float"
+
     def describe(self) -> str:
         if self.done:
             return (f"the pipeline is done: every pretraining and instruct shard is trained and published; "
@@ -241,27 +246,15 @@ def publish(s: Settings, work: Path) -> tuple[dict[str, Any], RunPlan]:
         return publish_checkpoint(s, plan, work, metrics, previous), plan
     record = build_record(s, plan, manifest, metrics, previous)
     record["publish_id"] = f"{manifest['run_id']}-{uuid.uuid4().hex[:12]}"
+    last = record["history"][-1]
 
-    if is_local_target(plan.target):
-        root = local_path(plan.target)
-        root.parent.mkdir(parents=True, exist_ok=True)
-        staged = root.with_name(f"{root.name}.tmp-{os.getpid()}")
-    else:
-        staged = work / "publish"
-    if staged.exists():
-        shutil.rmtree(staged)
-    shutil.copytree(final, staged, ignore=shutil.ignore_patterns("metrics.json"))
-    (staged / STATE_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    (staged / "README.md").write_text(render_card(record, plan.target))
-    if is_local_target(plan.target):
-        _fsync_tree(staged)
-        _swap_in(staged, root)
-    else:
-        h = hub(s)
-        last = record["history"][-1]
-        h.publish(plan.target, staged, f"{last['stage']} shard {last['shard']}: validation loss "
-                  f"{last.get('eval_loss', float('nan')):.4f}", record["publish_id"])
-        shutil.rmtree(staged)
+    def fill(staged: Path) -> None:
+        shutil.copytree(final, staged, ignore=shutil.ignore_patterns("metrics.json"), dirs_exist_ok=True)
+        (staged / STATE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        (staged / "README.md").write_text(render_card(record, plan.target))
+
+    _deliver(s, plan.target, work, fill, f"{last['stage']} shard {last['shard']}: validation loss "
+             f"{last.get('eval_loss', float('nan')):.4f}", record["publish_id"])
     return record, plan
 
 
@@ -286,33 +279,42 @@ def publish_checkpoint(s: Settings, plan: RunPlan, work: Path, metrics: dict[str
     }
     record["publish_id"] = f"{metrics['run_id']}-{uuid.uuid4().hex[:12]}"
     record["settings"] = s.redacted()
-    ckpt = work / "final" / "last-checkpoint"
-    if is_local_target(plan.target):
-        root = local_path(plan.target)
+
+    def fill(staged: Path) -> None:
+        shutil.copytree(work / "final" / "last-checkpoint", staged / "last-checkpoint")
+        (staged / STATE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+    _deliver(s, plan.target, work, fill, f"{plan.stage} shard {plan.shard}: checkpoint at step {metrics['step']}",
+             record["publish_id"], only=["last-checkpoint/", STATE_FILE])
+    return record
+
+
+def _deliver(s: Settings, target: str, work: Path, fill, message: str, publish_id: str,
+             only: list[str] | None = None) -> None:
+    """Make `target` hold what `fill(staged)` writes into a staging directory: the whole output, or,
+    with `only` (files, and folders ending in /), just those paths, the rest of the published output
+    kept as it is. Locally the staged copy is swapped in with renames; on the Hub it is one commit."""
+    local = is_local_target(target)
+    if local:
+        root = local_path(target)
         root.parent.mkdir(parents=True, exist_ok=True)
         staged = root.with_name(f"{root.name}.tmp-{os.getpid()}")
-        if staged.exists():
-            shutil.rmtree(staged)
-        if root.exists():
-            shutil.copytree(root, staged, ignore=shutil.ignore_patterns("last-checkpoint"), copy_function=link_or_copy)
-        else:
-            staged.mkdir()
-        shutil.copytree(ckpt, staged / "last-checkpoint")
-        (staged / STATE_FILE).unlink(missing_ok=True)  # a hard link to the published record: never write through it
-        (staged / STATE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    else:
+        staged = work / "publish"
+    if staged.exists():
+        shutil.rmtree(staged)
+    if local and only is not None and root.exists():  # the rest of the output, linked, not copied
+        shutil.copytree(root, staged, ignore=shutil.ignore_patterns(*(p.rstrip("/") for p in only)),
+                        copy_function=link_or_copy)
+    else:
+        staged.mkdir()
+    fill(staged)
+    if local:
         _fsync_tree(staged)
         _swap_in(staged, root)
     else:
-        staged = work / "publish"
-        if staged.exists():
-            shutil.rmtree(staged)
-        staged.mkdir()
-        shutil.copytree(ckpt, staged / "last-checkpoint")
-        (staged / STATE_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        hub(s).publish(plan.target, staged, f"{plan.stage} shard {plan.shard}: checkpoint at step {metrics['step']}",
-                       record["publish_id"], replace=["last-checkpoint/", STATE_FILE])
+        hub(s).publish(target, staged, message, publish_id, replace=only)
         shutil.rmtree(staged)
-    return record
 
 
 def link_or_copy(src: str, dst: str) -> None:
@@ -425,7 +427,7 @@ class Hub:
         return type(e).__name__
 
     def explain(self, what: str, e: BaseException, attempts: int) -> HubError | HubRefused:
-        from huggingface_hub.errors import HfHubHTTPError
+        from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
         code = e.response.status_code if isinstance(e, HfHubHTTPError) and e.response is not None else None
         fix = {401: "HF_TOKEN is not valid: create a new token with write access and set the secret HF_TOKEN.",
@@ -433,7 +435,7 @@ class Hub:
                     "needs write on the repo), or choose an OUTPUT_REPO under your own name.",
                404: "the repo does not exist or the token cannot see it: check OUTPUT_REPO / INPUT_REPO and HF_TOKEN."}.get(code)
         detail = (str(e).splitlines()[0][:300] if str(e) else type(e).__name__).rstrip(".")
-        if type(e).__name__ == "OfflineModeIsEnabled":
+        if isinstance(e, OfflineModeIsEnabled):
             fix = "HF_HUB_OFFLINE is set, so the Hub cannot be reached: unset it to read from or publish to the Hub."
         if self.transient(e)[0]:
             return HubError(f"{what}: {detail}. The Hub kept failing after {attempts} retries: run again later "
@@ -446,32 +448,27 @@ class Hub:
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 
-        try:
-            local = self.call(f"read {repo}/{path}", hf_hub_download, repo, path, token=self.token or False,
-                              cache_dir=self.cache())
-        except HUB_ERRORS as e:
-            if isinstance(e.__cause__, (EntryNotFoundError, RepositoryNotFoundError)):
-                return None
-            raise
-        return Path(local).read_text()
+        local = self.unless_missing(f"read {repo}/{path}", (EntryNotFoundError, RepositoryNotFoundError), hf_hub_download,
+                                    repo, path, token=self.token or False, cache_dir=self.cache())
+        return None if local is None else Path(local).read_text()
 
     def list_files(self, repo: str) -> list[str] | None:
         from huggingface_hub.errors import RepositoryNotFoundError
 
-        try:
-            return self.call(f"list {repo}", self.api.list_repo_files, repo)
-        except HUB_ERRORS as e:
-            if isinstance(e.__cause__, RepositoryNotFoundError):
-                return None
-            raise
+        return self.unless_missing(f"list {repo}", (RepositoryNotFoundError,), self.api.list_repo_files, repo)
 
     def head(self, repo: str) -> str | None:
         from huggingface_hub.errors import RepositoryNotFoundError
 
+        info = self.unless_missing(f"info {repo}", (RepositoryNotFoundError,), self.api.repo_info, repo)
+        return None if info is None else info.sha
+
+    def unless_missing(self, what: str, missing: tuple[type[BaseException], ...], fn, *args, **kwargs):
+        """`call`, with None where the Hub says the repo or file is not there."""
         try:
-            return self.call(f"info {repo}", self.api.repo_info, repo).sha
+            return self.call(what, fn, *args, **kwargs)
         except HUB_ERRORS as e:
-            if isinstance(e.__cause__, RepositoryNotFoundError):
+            if isinstance(e.__cause__, missing):
                 return None
             raise
 
@@ -529,7 +526,6 @@ class Hub:
                 problems.append(str(e))
         return problems
 
-
     # --- writing ------------------------------------------------------------------------------
     def publish(self, repo: str, folder: Path, message: str, publish_id: str, replace: list[str] | None = None) -> str:
         """One commit making `repo` hold exactly `folder` (or, with `replace`, making those paths hold
@@ -567,6 +563,10 @@ class Hub:
             raise
 
     # --- the Space ----------------------------------------------------------------------------------
+    def pause(self) -> str:
+        self.call(f"pause {self.s.space_id}", self.api.pause_space, self.s.space_id)
+        return f"Space {self.s.space_id} paused: the pipeline is done"
+
     def space_after_publish(self, record: dict[str, Any]) -> str:
         """Tell the Space what the record says: pause it when the pipeline is done; else write the
         next INIT then INST (in that order: a restart triggered by the first update leaves the
@@ -574,8 +574,7 @@ class Hub:
         restart it when neither changes (a shard stopped mid-way resumes on the next start)."""
         space = self.s.space_id
         if record.get("next") is None:
-            self.call(f"pause {space}", self.api.pause_space, space)
-            return f"Space {space} paused: the pipeline is done"
+            return self.pause()
         current = {k: v.value for k, v in self.call(f"variables {space}", self.api.get_space_variables, space).items()}
         want = {"INIT": str(record["next"]["init"]), "INST": str(record["next"]["inst"]).lower()}
         changed = [k for k in ("INIT", "INST") if current.get(k) != want[k]]
@@ -585,6 +584,7 @@ class Hub:
             self.call(f"restart {space}", self.api.restart_space, space)
             return f"Space {space} restarted to continue INST={want['INST']} INIT={want['INIT']}"
         return f"Space {space} variables set: INST={want['INST']} INIT={want['INIT']} (the Space restarts with them)"
+
 
 def summary(record: dict[str, Any], target: str) -> str:
     where = local_path(target) if is_local_target(target) else f"{target} on the Hub"
@@ -619,8 +619,7 @@ def main(argv: list[str] | None = None) -> int:
             if not s.space_id:
                 print("not in a Space (SPACE_ID is not set): nothing to pause")
                 return 0
-            hub(s).call(f"pause {s.space_id}", hub(s).api.pause_space, s.space_id)
-            print(f"Space {s.space_id} paused: the pipeline is done")
+            print(hub(s).pause())
             return 0
         record, plan = publish(s, Path(s.work_dir))
         print(summary(record, plan.target))
