@@ -21,6 +21,8 @@ import re
 import sys
 import tomllib
 from pathlib import Path
+
+import redact
 from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
@@ -61,6 +63,18 @@ def report(e: BadInput) -> int:
     """Print a BadInput for the user (stderr) and return the exit code entry points use for it."""
     print("Bad input:\n  " + "\n  ".join(e.problems), file=sys.stderr)
     return EXIT_BAD_INPUT
+
+
+def report_disk_full(e: OSError) -> int | None:
+    """A full disk (ENOSPC, EDQUOT) as one line with its fix, exit 1; None for any other OSError."""
+    import errno
+
+    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    print(f"Disk full: {e.strerror} writing {e.filename or 'a file'}. Nothing of this run was published and the state "
+          "is unchanged. Fix: free space there, or point WORK_DIR / OUTPUT_REPO / HF_HOME at a larger disk, then run "
+          "again.", file=sys.stderr)
+    return 1
 
 
 class SettingsError(BadInput):
@@ -117,13 +131,19 @@ class _FileSource(PydanticBaseSettingsSource):
         p = Path(self.path)
         try:
             text = p.read_text()
+            # Registered before parsing: a file that does not parse may still hold the token.
+            for m in re.finditer(r"(?im)^\s*[\"']?hf_token[\"']?\s*[:=]\s*[\"']?([^\"'\s#]+)", text):
+                redact.add(m.group(1))
             data = tomllib.loads(text) if p.suffix == ".toml" else _yaml_load(text)
         except FileNotFoundError:
             raise SettingsError([f"CONFIG_FILE={self.path!r}: no such file. Fix: point CONFIG_FILE at a .yaml or .toml file."])
         except Exception as e:  # noqa: BLE001 - any parse error is the same bad input
-            raise SettingsError([f"CONFIG_FILE={self.path!r}: cannot parse ({e}). Fix: valid YAML or TOML."])
+            raise SettingsError([f"CONFIG_FILE={self.path!r}: cannot parse ({_parse_error(e)}). Fix: valid YAML or TOML."])
         if not isinstance(data, dict):
             raise SettingsError([f"CONFIG_FILE={self.path!r}: expected a mapping of VARIABLE: value."])
+        for k, v in data.items():
+            if str(k).upper() == "HF_TOKEN" and v is not None:
+                redact.add(str(v))
         known = _known_names()
         unknown = [k for k in data if str(k).upper() not in known]
         if unknown:
@@ -134,6 +154,16 @@ class _FileSource(PydanticBaseSettingsSource):
         # Values of any type become what the environment would have given (strings), so the same
         # validation applies; lists/dicts are not accepted by any field.
         return {str(k).upper(): (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in data.items()}
+
+
+def _parse_error(e: Exception) -> str:
+    """Where and what, never the offending line itself: it may hold the token."""
+    mark = getattr(e, "problem_mark", None)
+    if mark is not None:  # yaml.MarkedYAMLError
+        return f"line {mark.line + 1}, column {mark.column + 1}: {getattr(e, 'problem', None) or type(e).__name__}"
+    if isinstance(e, tomllib.TOMLDecodeError):
+        return str(e).splitlines()[0]
+    return type(e).__name__
 
 
 def _yaml_load(text: str) -> Any:
@@ -254,6 +284,18 @@ class Settings(BaseSettings):
         path = os.environ.get("CONFIG_FILE") or None
         return init_settings, env_settings, _FileSource(settings_cls, path)
 
+    @field_validator("hf_token", mode="before")
+    @classmethod
+    def _token(cls, v: Any) -> Any:
+        # A token pasted with a trailing newline or space is the token; whitespace inside it is not
+        # (an HTTP header cannot carry it, and the message would be about the header).
+        if isinstance(v, str):
+            v = v.strip()
+            if any(c.isspace() or not c.isprintable() for c in v):
+                raise ValueError("the token has spaces, line breaks or control characters inside it. Fix: copy the "
+                                 "token again from https://huggingface.co/settings/tokens")
+        return v
+
     @field_validator("target_parameters")
     @classmethod
     def _count(cls, v: str | None) -> str | None:
@@ -326,6 +368,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
     if env is not None:
         os.environ.clear()
         os.environ.update(env)
+    redact.add(os.environ.get("HF_TOKEN"))
     try:
         try:
             s = Settings()
@@ -492,6 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     """Print the resolved settings and architecture as JSON, or with `get NAME...` the named values
     one per line (for trainer.sh); exit 2 on bad settings."""
     argv = sys.argv[1:] if argv is None else argv
+    redact.install()
     try:
         s = load_settings()
     except SettingsError as e:

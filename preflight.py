@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import redact
 from config import EXIT_BAD_INPUT, BadInput, Settings, architecture, count_parameters, cpu_has_bf16, is_local_target, load_settings, local_path
 from util import HubError, RunPlan, hub, plan_run
 
@@ -47,6 +48,13 @@ def check_settings() -> tuple[Settings | None, Check]:
 
 
 def check_plan(s: Settings, plan: RunPlan) -> Check:
+    """The plan from the record (read and checked against its schema by plan_run) and, for a local
+    output, the checkpoint it resumes from (a Hub checkpoint is checked by prep, once downloaded)."""
+    from run_state import validate_checkpoint
+
+    if plan.resume and is_local_target(plan.target):
+        validate_checkpoint(local_path(plan.target) / "last-checkpoint", int(plan.resume["step"]),
+                            f"{plan.target}/last-checkpoint")
     return Check("run state", True, plan.describe(), data={"plan": asdict(plan)})
 
 
@@ -77,6 +85,13 @@ def check_data(s: Settings, plan: RunPlan) -> Check:
 def check_output(s: Settings) -> Check:
     """The output location writable: local directories, or on the Hub the token valid, not read-only,
     and allowed to write OUTPUT_REPO and OUTPUT_REPO-it (and, in a Space, the Space's variables)."""
+    from output_lock import probe
+
+    holder = probe(s)
+    if holder is not None:
+        return Check("output", False, "in use by another run",
+                     [f"{s.output_repo} / WORK_DIR {s.work_dir} are held by {holder}. One run writes an output at a time: "
+                      "wait for it to finish or stop it, or give this run its own OUTPUT_REPO and WORK_DIR."])
     problems = []
     targets = [s.work_dir] + ([s.output_repo, f"{s.output_repo}-it"] if is_local_target(s.output_repo) else [])
     for target in targets:
@@ -252,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="preflight.py", description="Check that a run will work, in seconds.")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     args = ap.parse_args(argv)
+    redact.install()
     t0 = time.perf_counter()
     checks = run_checks()
     ok = all(c.ok for c in checks)

@@ -24,9 +24,12 @@ from pathlib import Path
 from dataclasses import asdict
 from typing import Any, Iterable
 
-from config import (BadInput, Settings, architecture, count_parameters, is_local_target, load_settings, local_path,
+import redact
+from config import (BadInput, report_disk_full, Settings, architecture, count_parameters, is_local_target, load_settings, local_path,
                     report, resolve_precision)
-from quant_utils import convert, verify_checkpoint
+from quant_utils import convert, non_finite_tensors, verify_checkpoint
+from output_lock import OutputBusy, acquire
+from run_state import validate_checkpoint
 from util import HubError, RunPlan, hub, link_or_copy, materialize, plan_run
 
 BOS, EOS, PAD, UNK = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>", "<|unk|>"
@@ -181,6 +184,18 @@ def sample_for_tokenizer(ds, column: str, cap_bytes: int) -> list[str]:
     return out
 
 
+def load_tokenizer(path: Path, where: str):
+    """A published tokenizer; one that does not load is bad input naming where it came from."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - transformers/tokenizers raise many types for a damaged file
+        raise BadInput([f"{where}: the tokenizer does not load ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}). "
+                        "Fix: restore tokenizer.json / tokenizer_config.json there (they are published with the model), "
+                        "or republish the model."]) from None
+
+
 # --- tokenize + pack ---------------------------------------------------------------------------------
 
 
@@ -290,21 +305,27 @@ def data_fingerprint(seqs: list[list[int]]) -> str:
     return h.hexdigest()
 
 
-def fetch_checkpoint(s: Settings, plan: RunPlan, out: Path) -> Path:
-    """The published last-checkpoint/ of the plan's target in `out` (linked or copied locally,
-    downloaded from the Hub)."""
+def fetch_checkpoint(s: Settings, plan: RunPlan) -> Path:
+    """The published last-checkpoint/ of the plan's target, local (the directory itself, or
+    downloaded from the Hub), checked complete and readable (run_state.validate_checkpoint)."""
     if is_local_target(plan.target):
         src = local_path(plan.target) / "last-checkpoint"
     else:
         src = hub(s).download(plan.target, Path(s.work_dir) / "hub", allow=["last-checkpoint/*"]) / "last-checkpoint"
-    if not (src / "trainer_state.json").exists():
-        raise BadInput([f"{plan.target}/last-checkpoint: the record says to resume at step {plan.resume['step']}, but "
-                        "the checkpoint is missing or incomplete. Fix: delete the \"resume\" entry of training_state.json "
-                        "there to train the shard anew."])
-    shutil.copytree(src, out, copy_function=link_or_copy)
-    log(f"checkpoint: resuming {plan.stage} shard {plan.shard} at step {plan.resume['step']} "
-        f"(stopped by {plan.resume.get('stop_reason', 'an interruption')})")
-    return out
+    validate_checkpoint(src, int(plan.resume["step"]), f"{plan.target}/last-checkpoint")
+    return src
+
+
+def check_source_model(source: str, model_dir: Path) -> dict[str, Any]:
+    """The published model a run continues from: every tensor the architecture needs with its shape
+    (headers), and every weight finite (values). Returns its format."""
+    fmt = verify_checkpoint(model_dir)
+    bad = non_finite_tensors(model_dir)
+    if bad:
+        raise BadInput([f"{source}: {len(bad)} weight tensor(s) hold NaN or infinity (first: {bad[0]}): the published "
+                        "model is damaged and would train to NaN. Fix: restore it from an earlier version (on the Hub: "
+                        "the repo's commit history), or republish it."])
+    return fmt
 
 
 def take_model(src: Path, out: Path, want: str, compute: str, fmt: dict[str, Any]) -> dict[str, Any]:
@@ -333,8 +354,6 @@ def take_model(src: Path, out: Path, want: str, compute: str, fmt: dict[str, Any
 
 def prepare(s: Settings, plan: RunPlan) -> dict[str, Any]:
     """Write WORK_DIR/prepared for `plan`; returns the manifest."""
-    from transformers import AutoTokenizer
-
     token = s.hf_token.get_secret_value() if s.hf_token else None
     work = Path(s.work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -344,7 +363,8 @@ def prepare(s: Settings, plan: RunPlan) -> dict[str, Any]:
     # The checkpoint this run continues from is checked first (headers only): a broken one stops the
     # run before any data is read.
     source_dir = materialize(plan.source, s) if plan.source is not None else None
-    source_format = verify_checkpoint(source_dir) if source_dir is not None else None
+    source_format = check_source_model(plan.source, source_dir) if source_dir is not None else None
+    checkpoint_src = fetch_checkpoint(s, plan) if plan.resume else None
     train_format = plan.train_format(s.use_quant)
     if s.use_quant and plan.source is None:
         log("USE_QUANT=true on the first pretraining run: random weights frozen in 4-bit would teach nothing, "
@@ -366,9 +386,14 @@ def prepare(s: Settings, plan: RunPlan) -> dict[str, Any]:
     staged = work / f"prepared.tmp-{uuid.uuid4().hex[:8]}"
     try:
         staged.mkdir(parents=True)
-        checkpoint = fetch_checkpoint(s, plan, staged / "checkpoint") if plan.resume else None
+        checkpoint = None
+        if checkpoint_src is not None:
+            checkpoint = staged / "checkpoint"
+            shutil.copytree(checkpoint_src, checkpoint, copy_function=link_or_copy)
+            log(f"checkpoint: resuming {plan.stage} shard {plan.shard} at step {plan.resume['step']} "
+                f"(stopped by {plan.resume.get('stop_reason', 'an interruption')})")
         if plan.source is None and checkpoint is not None:
-            tok = AutoTokenizer.from_pretrained(checkpoint)
+            tok = load_tokenizer(checkpoint, f"{plan.target}/last-checkpoint")
             log(f"tokenizer: the one of the checkpoint being resumed ({len(tok)} tokens)")
         elif plan.source is None:
             log(f"training a byte-level BPE tokenizer (vocab {s.vocab_size}) on up to {s.tokenizer_sample_mb:g} MB of {var}")
@@ -377,7 +402,7 @@ def prepare(s: Settings, plan: RunPlan) -> dict[str, Any]:
         else:
             if not (source_dir / "tokenizer.json").exists():
                 raise BadInput([f"{plan.source}: no tokenizer.json beside the model. Fix: publish the model with its tokenizer."])
-            tok = AutoTokenizer.from_pretrained(source_dir)
+            tok = load_tokenizer(source_dir, plan.source)
             if plan.inst and not tok.chat_template:
                 raise BadInput([f"{plan.source}: its tokenizer has no chat template, so chats cannot be rendered. "
                                 "Fix: start from a model this pipeline pretrained (its tokenizer carries the template)."])
@@ -447,6 +472,7 @@ def prepare(s: Settings, plan: RunPlan) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    redact.install()
     import datasets
     import transformers
 
@@ -455,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     transformers.utils.logging.disable_progress_bar()
     try:
         s = load_settings()
+        acquire(s)
         plan = plan_run(s)
         if plan.done:
             log(plan.describe())
@@ -464,6 +491,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except BadInput as e:
         return report(e)
+    except OutputBusy as e:
+        print(f"Busy: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        code = report_disk_full(e)
+        if code is None:
+            raise
+        return code
     except HubError as e:
         print(f"Hub: {e}", file=sys.stderr)
         return 1

@@ -64,7 +64,34 @@ def _headers(model_dir: Path) -> tuple[dict[str, Any], dict[str, dict]]:
     for f in files:
         for name, t in read_safetensors_header(f)["tensors"].items():
             tensors[name] = {**t, "file": f.name}
-    return json.loads(cfg_path.read_text()), tensors
+    return read_model_config(cfg_path), tensors
+
+
+# The config.json fields a Llama cannot be built without, and their JSON types.
+_CONFIG_FIELDS = {"hidden_size": int, "num_hidden_layers": int, "num_attention_heads": int, "intermediate_size": int,
+                  "vocab_size": int}
+
+
+def read_model_config(path: Path) -> dict[str, Any]:
+    """config.json of a published model, checked: a JSON object describing a Llama with whole-number
+    sizes (what building the architecture needs); anything else is bad input naming the field."""
+    fix = "Fix: publish the model again (its config.json is written with it), or restore the file."
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadInput([f"{path}: not valid JSON ({e}). {fix}"]) from None
+    if not isinstance(cfg, dict):
+        raise BadInput([f"{path}: a JSON {type(cfg).__name__}, not an object. {fix}"])
+    problems = []
+    if cfg.get("model_type") != "llama":
+        problems.append(f"model_type is {json.dumps(cfg.get('model_type'))}, this pipeline trains \"llama\" models")
+    for k, kind in _CONFIG_FIELDS.items():
+        v = cfg.get(k)
+        if not isinstance(v, kind) or isinstance(v, bool) or v <= 0:
+            problems.append(f"{k} is {json.dumps(v)}, expected a positive whole number")
+    if problems:
+        raise BadInput([f"{path}: {'; '.join(problems)}. {fix}"])
+    return cfg
 
 
 def _weight_files(model_dir: Path) -> list[Path]:
@@ -102,7 +129,11 @@ def verify_checkpoint(model_dir: Path) -> dict[str, Any]:
     state beside it; its element count must match the float shape. Returns checkpoint_format().
     """
     cfg, tensors = _headers(model_dir)
-    want = expected_shapes(cfg)
+    try:
+        want = expected_shapes(cfg)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise BadInput([f"{model_dir / 'config.json'}: does not describe a buildable Llama ({type(e).__name__}: "
+                        f"{str(e)[:200]}). Fix: publish the model again, or restore the file."]) from None
     nf4 = (cfg.get("quantization_config") or {}).get("bnb_4bit_quant_type") == "nf4"
     stored = {n: t for n, t in tensors.items() if not n.endswith(_QUANT_SUFFIXES)}
     missing = sorted(set(want) - set(stored))
@@ -129,6 +160,23 @@ def verify_checkpoint(model_dir: Path) -> dict[str, Any]:
     if problems:
         raise BadInput([p + " Fix: publish a complete model of the architecture in its config.json." for p in problems])
     return checkpoint_format(model_dir)
+
+
+def non_finite_tensors(model_dir: Path) -> list[str]:
+    """'file: tensor' for every floating-point tensor of the checkpoint holding NaN or infinity, read
+    one tensor at a time (a model whose header is intact but whose bytes are garbage passes every
+    header check and trains to NaN)."""
+    import torch
+    from safetensors import safe_open
+
+    bad = []
+    for f in _weight_files(model_dir):
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                t = st.get_tensor(name)
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    bad.append(f"{f.name}: {name}")
+    return bad
 
 
 def _load(model_dir: Path, **kw):

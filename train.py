@@ -23,9 +23,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from config import EXIT_BAD_INPUT, BadInput, Settings, deepspeed_config, load_settings, report, resolve_precision
+import redact
+from config import EXIT_BAD_INPUT, BadInput, report_disk_full, Settings, deepspeed_config, load_settings, report, resolve_precision
 
 DATA_ORDER = "data_order.json"
+# Exit code of a run stopped (signal) before its first optimizer step: nothing to publish, the
+# state unchanged. trainer.sh says so and exits 3 itself.
+EXIT_STOPPED = 3
 
 
 def log(msg: str) -> None:
@@ -158,6 +162,7 @@ def validation_loss(model, dataset, collator, batch_size: int, precision: str) -
     total, count = 0.0, 0
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         for i in range(0, len(dataset), batch_size):
+            check_stop()  # a large validation set takes minutes: a stop request must not wait for it
             batch = collator([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))])
             batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
             n = int((batch["labels"][:, 1:] != -100).sum())
@@ -169,12 +174,30 @@ def validation_loss(model, dataset, collator, batch_size: int, precision: str) -
 
 
 # Set by SIGTERM/SIGINT: the trainer stops at the end of the current step, saves the full state and
-# publishes it, as when the time budget runs out.
+# publishes it, as when the time budget runs out; before the first step, the run stops at once.
 STOP: dict[str, str | None] = {"signal": None}
 
 
+class StopRequested(Exception):
+    """A stop signal arrived where the run has nothing worth saving yet (or is evaluating)."""
+
+
 def _on_signal(signum, frame) -> None:
+    # No printing here: a handler that prints while the main thread prints raises a reentrant-call
+    # error. The stop is logged where it takes effect.
     STOP["signal"] = signal.Signals(signum).name
+
+
+def check_stop() -> None:
+    if STOP["signal"]:
+        raise StopRequested(STOP["signal"])
+
+
+def finite_weights(model) -> list[str]:
+    """Names of the parameters holding a NaN or an infinity ([] when every weight is finite)."""
+    import torch
+
+    return [n for n, p in model.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
 
 
 def run_started() -> float:
@@ -193,7 +216,15 @@ def make_budget_callback(started: float, until: float):
 
         def __init__(self) -> None:
             self.stopped: str | None = None
+            self.began = False  # the trainer is set up (a resumed checkpoint loaded) and about to step
             self.first_step_s: float | None = None  # from the run's start to the end of its first step
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.began = True
+
+        def on_step_begin(self, args, state, control, **kw):
+            if self.first_step_s is None:  # no step taken by this run yet: nothing to checkpoint
+                check_stop()
 
         def on_step_end(self, args, state, control, **kw):
             import torch.distributed as dist
@@ -221,45 +252,64 @@ def fit(s: Settings, work: Path) -> int:
     import torch
     import transformers
 
+    from jit_ops import load_comm_op
+
     transformers.utils.logging.disable_progress_bar()  # weight loading/saving bars; the trainer keeps its own
 
     prepared = work / "prepared"
     manifest = json.loads((prepared / "manifest.json").read_text())
     precision = resolve_precision(s)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _on_signal)
     started = run_started()
     until = started + s.time_budget_s()
     budget = make_budget_callback(started, until)
-    trainer, tok, ckpt = build_trainer(s, prepared, work, precision, [budget])
-    world = trainer.args.world_size
     plan = manifest["plan"]
     resume = manifest.get("resume")
-    log(f"{plan['stage']} shard {plan['shard']}: {manifest['train_sequences']} train / {manifest['val_sequences']} val "
-        f"sequences of <= {s.max_length} tokens; precision {precision}; {world} rank(s) on "
-        f"{'GPU' if torch.cuda.is_available() else 'CPU'}; ZeRO-2; gradient checkpointing {'on' if ckpt else 'off'}; "
-        f"{max(0.0, until - time.time()) / 60:.1f} min of the time budget left")
-    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    if manifest["train_format"] == "nf4":
-        log(f"NF4 base + LoRA r={s.lora_r} alpha={s.lora_alpha:g} on {s.lora_targets}: {trainable:,} trainable parameters")
-    else:
-        log(f"training every weight: {trainable:,} parameters")
-
-    if resume:
-        before = float(resume["eval_loss_before"])
-        log(f"resuming at step {resume['step']} of this shard from the published checkpoint "
-            f"(validation loss before the shard: {before:.4f})")
-    else:
-        before = validation_loss(trainer.model, trainer.eval_dataset, trainer.data_collator, s.batch_size, precision)
-        log(f"validation loss before training: {before:.4f}")
-    t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(prepared / "checkpoint") if resume else None)
+    try:
+        load_comm_op(log)
+        trainer, tok, ckpt = build_trainer(s, prepared, work, precision, [budget])
+        world = trainer.args.world_size
+        log(f"{plan['stage']} shard {plan['shard']}: {manifest['train_sequences']} train / {manifest['val_sequences']} val "
+            f"sequences of <= {s.max_length} tokens; precision {precision}; {world} rank(s) on "
+            f"{'GPU' if torch.cuda.is_available() else 'CPU'}; ZeRO-2; gradient checkpointing {'on' if ckpt else 'off'}; "
+            f"{max(0.0, until - time.time()) / 60:.1f} min of the time budget left")
+        trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+        if manifest["train_format"] == "nf4":
+            log(f"NF4 base + LoRA r={s.lora_r} alpha={s.lora_alpha:g} on {s.lora_targets}: {trainable:,} trainable parameters")
+        else:
+            log(f"training every weight: {trainable:,} parameters")
+        if resume:
+            before = float(resume["eval_loss_before"])
+            log(f"resuming at step {resume['step']} of this shard from the published checkpoint "
+                f"(validation loss before the shard: {before:.4f})")
+        else:
+            before = validation_loss(trainer.model, trainer.eval_dataset, trainer.data_collator, s.batch_size, precision)
+            if not math.isfinite(before):
+                raise BadInput([f"{plan['source'] or 'the fresh model'}: validation loss {before} before any training: the "
+                                "model's weights or the run's precision produce non-finite values. Fix: publish a healthy "
+                                "model there (or INPUT_REPO), or try PRECISION=fp32."])
+            log(f"validation loss before training: {before:.4f}")
+        t0 = time.perf_counter()
+        result = train_or_explain(trainer, budget, prepared, resume)
+    except StopRequested as e:
+        log(f"stopped by {e} before the first training step: nothing to save; the published output and the state are "
+            "unchanged")
+        return EXIT_STOPPED
     runtime = time.perf_counter() - t0
+    if not budget.stopped:
+        try:
+            after = validation_loss(trainer.accelerator.unwrap_model(trainer.model_wrapped), trainer.eval_dataset,
+                                    trainer.data_collator, s.batch_size, precision)
+        except StopRequested:
+            # The shard is trained: keep it as a checkpoint at its last step; the next run resumes
+            # there, trains nothing more, evaluates and publishes the model.
+            budget.stopped = "a stop signal"
+            trainer._save_checkpoint(trainer.model_wrapped, trial=None)
     if budget.stopped:
         step = trainer.state.global_step
         log(f"stopped by {budget.stopped} at step {step} of {trainer.state.max_steps}: saving the full training state "
             "to publish as last-checkpoint/ (the next run resumes here; the state does not advance)")
         if trainer.is_world_process_zero():
+            refuse_non_finite(trainer.accelerator.unwrap_model(trainer.model_wrapped), None)
             save_checkpoint(trainer, work, {
                 "run_id": manifest["run_id"], "partial": True, "data_fingerprint": manifest["data_fingerprint"],
                 "stop_reason": budget.stopped, "step": step, "max_steps": trainer.state.max_steps, "eval_loss_before": before,
@@ -268,8 +318,6 @@ def fit(s: Settings, work: Path) -> int:
                 "first_step_s": budget.first_step_s})
         trainer.accelerator.wait_for_everyone()
         return 0
-    after = validation_loss(trainer.accelerator.unwrap_model(trainer.model_wrapped), trainer.eval_dataset,
-                            trainer.data_collator, s.batch_size, precision)
     tokens = int(trainer.state.num_input_tokens_seen)
     metrics = {
         "run_id": manifest["run_id"],
@@ -278,7 +326,7 @@ def fit(s: Settings, work: Path) -> int:
         "train_loss": result.training_loss,
         "eval_loss_before": before,
         "eval_loss": after,
-        "perplexity": math.exp(min(after, 50)),
+        "perplexity": math.exp(min(after, 50)) if math.isfinite(after) else after,
         "train_runtime_s": runtime,
         "tokens_per_s": tokens / runtime if runtime > 0 else 0.0,
         "precision": precision,
@@ -296,11 +344,44 @@ def fit(s: Settings, work: Path) -> int:
         (work / "runs").mkdir(parents=True, exist_ok=True)
         (work / "runs" / DATA_ORDER).write_text(json.dumps(trainer.batch_digests))
         model = trainer.accelerator.unwrap_model(trainer.model_wrapped)
+        refuse_non_finite(model, after)
         if manifest["train_format"] == "nf4":
             model = merge_checked(model, trainer, precision, after, metrics)
         save_final(model, tok, work, precision, metrics)
     trainer.accelerator.wait_for_everyone()
     return 0
+
+
+def train_or_explain(trainer, budget, prepared: Path, resume: dict[str, Any] | None):
+    """trainer.train, resuming from the prepared checkpoint when there is one. A failure while the
+    trainer loads that checkpoint (before its first step) is bad input naming it: rerunning the same
+    damaged checkpoint could only fail the same way."""
+    try:
+        return trainer.train(resume_from_checkpoint=str(prepared / "checkpoint") if resume else None)
+    except StopRequested:
+        raise
+    except Exception as e:  # noqa: BLE001 - re-raised; only a load failure of the checkpoint is reworded
+        if resume and not budget.began:
+            from run_state import CHECKPOINT_FIX
+
+            raise BadInput([f"{resume.get('checkpoint', 'checkpoint')} of the published output (last-checkpoint/, step "
+                            f"{resume['step']}): the trainer cannot load it ({type(e).__name__}: {str(e)[:200]}). "
+                            f"{CHECKPOINT_FIX}"]) from e
+        raise
+
+
+def refuse_non_finite(model, eval_loss: float | None) -> None:
+    """Nothing non-finite is published: a NaN/Inf validation loss or weight fails the run here (exit 1),
+    before anything is written, and the state does not advance."""
+    if eval_loss is not None and not math.isfinite(eval_loss):
+        raise RuntimeError(f"the validation loss after training is {eval_loss}: the training diverged. Nothing is "
+                           "published and the state does not advance. Fix: a lower LEARNING_RATE, more WARMUP_RATIO, "
+                           "or PRECISION=bf16/fp32 instead of fp16.")
+    bad = finite_weights(model)
+    if bad:
+        raise RuntimeError(f"{len(bad)} weight tensor(s) hold NaN or infinity after training (first: {bad[0]}): the "
+                           "training diverged. Nothing is published and the state does not advance. Fix: a lower "
+                           "LEARNING_RATE, more WARMUP_RATIO, or PRECISION=bf16/fp32 instead of fp16.")
 
 
 def merge_checked(peft_model, trainer, precision: str, adapter_loss: float, metrics: dict[str, Any]):
@@ -311,7 +392,7 @@ def merge_checked(peft_model, trainer, precision: str, adapter_loss: float, metr
     dtype = storage_dtype(precision)
     merged = to_float(peft_model, dtype)
     merged_loss = validation_loss(merged, trainer.eval_dataset, trainer.data_collator, trainer.args.per_device_eval_batch_size, precision)
-    delta = abs(merged_loss - adapter_loss) / adapter_loss
+    delta = abs(merged_loss - adapter_loss) / adapter_loss if math.isfinite(merged_loss) else math.inf
     log(f"merged LoRA into plain {dtype}: validation loss {merged_loss:.4f} vs {adapter_loss:.4f} with the adapter "
         f"({delta * 100:.3f}% apart)")
     if delta > 0.005:
@@ -369,7 +450,24 @@ def save_final(model, tok, work: Path, precision: str, metrics: dict[str, Any]) 
     _write_final(work, fill, metrics)
 
 
+def die_with_parent() -> None:
+    """A rank is killed when its launcher dies (trainer.sh kills the launcher when it is killed
+    itself): no rank trains on, holding the output's lock, after the run it belongs to is gone."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):
+        return  # not Linux: trainer.sh's own cleanup is all there is
+    if os.getppid() == 1:  # the launcher died before the line above
+        os._exit(1)
+
+
 def main(argv: list[str] | None = None) -> int:
+    redact.install()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # first thing: a stop during start-up is a clean stop too
+        signal.signal(sig, _on_signal)
+    die_with_parent()
     try:
         s = load_settings()
     except BadInput as e:
@@ -381,7 +479,15 @@ def main(argv: list[str] | None = None) -> int:
     for stale in ("final", "runs", "trainer"):
         if int(os.environ.get("RANK", "0")) == 0 and (work / stale).exists():
             shutil.rmtree(work / stale)
-    return fit(s, work)
+    try:
+        return fit(s, work)
+    except BadInput as e:
+        return report(e)
+    except OSError as e:
+        code = report_disk_full(e)
+        if code is None:
+            raise
+        return code
 
 
 if __name__ == "__main__":

@@ -7,9 +7,16 @@
 # to the Space's variables (which restarts it), and pauses the Space when the pipeline is done.
 # A run that reaches its time budget, or gets SIGTERM/SIGINT, stops every rank at the same step,
 # publishes its full-state checkpoint (last-checkpoint/) and the next run resumes there.
-# Exit codes: 0 done, MAX_RUNS reached, or (in a Space) the run published; 2 bad input (nothing
-# written); 3 stopped by a signal after publishing the checkpoint (state unchanged); other non-zero:
-# a runtime failure (the published output stays valid).
+# Exit codes: 0 done, MAX_RUNS reached, or (in a Space) the run published; 1 a runtime failure, or
+# the output is in use by another run (the published output stays valid); 2 bad input (nothing
+# written); 3 stopped by a signal (after publishing what the run had to publish, or before it had
+# anything to publish: the state is then unchanged).
+#
+# Signals: the first SIGTERM/SIGINT stops the current phase (training: at the end of the step, then
+# its full-state checkpoint is published; a publish under way is finished first); further ones are
+# ignored until that is done (SIGKILL cuts it; what is published stays valid). Each phase runs in
+# its own session, so a signal sent to the whole process group (Ctrl-C) reaches only this script,
+# and with a parent-death signal, so that nothing outlives this script when it is killed.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -20,26 +27,43 @@ export HF_HUB_DISABLE_TELEMETRY=1
 child=0
 current=""
 stopping=0
+say() { printf '[trainer] %s\n' "$*"; }
 descendants() {
   local c
   for c in $(pgrep -P "$1" 2>/dev/null); do echo "$c"; descendants "$c"; done
 }
-forward() {  # signals reach the Python process; in training, each rank (the launcher would kill them)
-  stopping=1
-  if [ "$child" -eq 0 ]; then return 0; fi
-  if [ "$current" = "train" ]; then
-    local p
-    for p in $(descendants "$child"); do
-      if tr '\0' ' ' < "/proc/$p/cmdline" 2>/dev/null | grep -q -- '--local_rank'; then kill -s "$1" "$p" 2>/dev/null || true; fi
-    done
-  else
-    kill -s "$1" "$child" 2>/dev/null || true
+forward() {  # the first stop signal stops the current phase; the next ones are absorbed
+  if [ "$stopping" -eq 1 ]; then
+    say "$1 again: a stop is already under way (the checkpoint or publish is being written); ignored. SIGKILL cuts it."
+    return 0
   fi
+  stopping=1
+  if [ "$child" -eq 0 ]; then say "$1: stopping after this step"; return 0; fi
+  case "$current" in
+    train)  # each rank stops at the end of its step and saves (the launcher would kill them)
+      say "$1: training stops at the end of this step; its full state is then saved and published"
+      local p
+      for p in $(descendants "$child"); do
+        if tr '\0' ' ' < "/proc/$p/cmdline" 2>/dev/null | grep -q -- '--local_rank'; then kill -s "$1" "$p" 2>/dev/null || true; fi
+      done ;;
+    publish)
+      say "$1: the publish under way is finished first (it is one atomic step), then the run stops" ;;
+    *)
+      say "$1: stopping $current (nothing of this run is published; the state is unchanged)"
+      kill -s TERM "$child" 2>/dev/null || true ;;
+  esac
 }
 trap 'forward TERM' TERM
 trap 'forward INT' INT
 
 banner() { printf '\n=== %s ===\n' "$*"; }
+stopped_before() {
+  banner "stopped by a signal during $1: nothing of this run was published; the published output and the state are unchanged"
+  exit 3
+}
+# A phase runs in its own session (group signals stay here) and dies with this script.
+isolate="setsid"
+if setpriv --pdeathsig KILL true 2>/dev/null; then isolate="setsid setpriv --pdeathsig KILL --"; fi
 
 # phase NAME CMD...: run CMD in the background (so traps fire at once), report its duration.
 phase() {
@@ -48,7 +72,8 @@ phase() {
   banner "$name"
   current=${name%% *}
   start=$(date +%s)
-  "$@" &
+  if [ "$stopping" -eq 1 ] && [ "$current" != "publish" ]; then stopped_before "$name"; fi
+  $isolate "$@" &
   child=$!
   set +e
   wait "$child"
@@ -59,12 +84,22 @@ phase() {
   child=0
   current=""
   printf -- '--- %s: %s in %ss\n' "$name" "$([ "$rc" -eq 0 ] && echo done || echo "failed (exit $rc)")" "$(( $(date +%s) - start ))"
+  if [ "$rc" -ne 0 ] && [ "$stopping" -eq 1 ]; then stopped_before "$name"; fi
   return "$rc"
 }
 
 gpus=0
 if command -v nvidia-smi >/dev/null 2>&1; then gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true); fi
 if [ "$gpus" -eq 0 ]; then export DS_ACCELERATOR=cpu; fi
+
+# One writer per output: the locks are held on this script's descriptors for the whole pipeline
+# (output_lock.py). Settings that do not parse are left to preflight to report.
+if lock_paths=$("$PY" output_lock.py paths 2>/dev/null); then
+  lock_fds=()
+  while IFS= read -r lock_path; do exec {fd}>>"$lock_path"; lock_fds+=("$fd"); done <<< "$lock_paths"
+  "$PY" output_lock.py take --owner $$ "${lock_fds[@]}" || exit 1
+  export TRAIN_LLAMA_LOCKED=1
+fi
 
 phase "preflight" "$PY" preflight.py
 phase "validate setup" "$PY" validate_setup.py
@@ -107,7 +142,7 @@ while :; do
     exit 0
   fi
   if [ "$stopping" -eq 1 ]; then
-    banner "stopped by a signal: the checkpoint is published, the next run resumes it"
+    banner "stopped by a signal: what this run had trained is published (see above); the next run continues from it"
     exit 3
   fi
   if [ "$max_runs" -gt 0 ] && [ "$runs" -ge "$max_runs" ]; then

@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from config import BadInput, Settings, is_local_target, load_settings, local_path, report
+import redact
+from config import BadInput, Settings, is_local_target, load_settings, local_path, report, report_disk_full
+from run_state import RECORD_FORMAT, STATE_FILE, validate_record
 
 EXIT_DONE = 3
-STATE_FILE = "training_state.json"
-RECORD_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,9 @@ class RunPlan:
     source: str | None  # published model this run continues from
     done: bool = False
     resume: dict[str, Any] | None = None  # the target's last-checkpoint/ to resume this shard from
+    # The publish_id of the target's record this plan was made from ("" when there was none): a
+    # publish is refused when the target no longer holds that record (another run published since).
+    base: str = ""
 
     @property
     def inst(self) -> bool:
@@ -69,25 +72,42 @@ def instruct_target(s: Settings) -> str:
 # --- the record ------------------------------------------------------------------------------------
 
 
-def read_record(target: str, s: Settings | None = None) -> dict[str, Any] | None:
-    """The published training_state.json of `target` (a local directory or a Hub repo), or None when
-    nothing was published there."""
+@dataclass(frozen=True)
+class Published:
+    """What `target` holds now: its record (None when nothing was published there) and, on the Hub,
+    the commit it was read at (a publish is made on top of exactly that commit)."""
+
+    record: dict[str, Any] | None
+    revision: str | None = None
+
+    @property
+    def publish_id(self) -> str:
+        """The record's publish id; "" when there is no record (and "-" for a record without one)."""
+        return "" if self.record is None else str(self.record.get("publish_id") or "-")
+
+
+def read_published(target: str, s: Settings | None = None) -> Published:
+    """The published training_state.json of `target` (a local directory or a Hub repo), checked
+    against its schema. Only a definite answer (no such repo, no such file at the head commit, no
+    such local file) means "nothing published"; a Hub that cannot be read raises HubError."""
     if not is_local_target(target):
-        text = hub(s).read_text(target, STATE_FILE)
+        h = hub(s)
+        sha = h.head(target)
+        if sha is None:
+            return Published(None)
+        text = h.read_text(target, STATE_FILE, revision=sha)
         where = f"{target}/{STATE_FILE} on the Hub"
     else:
         root = local_path(target)
         recover_local(root)
         path = root / STATE_FILE
         text = path.read_text() if path.exists() else None
-        where = str(path)
-    if text is None:
-        return None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise BadInput([f"{where}: the run-state record is not valid JSON ({e}). Fix: restore it, or remove the "
-                        f"published output {target} to start over."]) from None
+        where, sha = str(path), None
+    return Published(None if text is None else validate_record(text, where), sha)
+
+
+def read_record(target: str, s: Settings | None = None) -> dict[str, Any] | None:
+    return read_published(target, s).record
 
 
 def has_model(target: str, s: Settings | None = None) -> bool:
@@ -123,8 +143,8 @@ def plan_run(s: Settings) -> RunPlan:
     """Decide this run from the published record; an explicit INIT/INST in the settings overrides it,
     except in a Space when the record is ahead of the variables (a publish that landed before the
     variable update failed or was cut by the restart it triggered): then the record wins."""
-    rec_it = read_record(instruct_target(s), s)
-    rec_pre = read_record(s.output_repo, s)
+    pub_it, pub_pre = read_published(instruct_target(s), s), read_published(s.output_repo, s)
+    rec_it, rec_pre = pub_it.record, pub_pre.record
     record = rec_it or rec_pre
     explicit = s.init is not None or s.inst is not None
     if explicit and s.space_id and record is not None:
@@ -148,10 +168,11 @@ def plan_run(s: Settings) -> RunPlan:
     else:
         source = (s.input_repo or s.output_repo) if init == 0 else instruct_target(s)
         plan = RunPlan(stage="instruct", shard=init, target=instruct_target(s), source=source)
-    own = rec_it if plan.inst else rec_pre  # the record of this run's target
-    resume = (own or {}).get("resume")
-    if resume and resume.get("stage") == plan.stage and resume.get("shard") == plan.shard:
-        plan = RunPlan(plan.stage, plan.shard, plan.target, plan.source, resume=resume)
+    own = pub_it if plan.inst else pub_pre  # what this run's target holds
+    resume = (own.record or {}).get("resume")
+    if not (resume and resume.get("stage") == plan.stage and resume.get("shard") == plan.shard):
+        resume = None
+    plan = RunPlan(plan.stage, plan.shard, plan.target, plan.source, resume=resume, base=own.publish_id)
     if plan.source is not None and not has_model(plan.source, s):
         what = "INIT" if not inst else ("INPUT_REPO/OUTPUT_REPO" if init == 0 else "INIT")
         raise BadInput([f"{what}: this run ({plan.describe()}) continues from the model in {plan.source}, but no "
@@ -239,11 +260,19 @@ def publish(s: Settings, work: Path) -> tuple[dict[str, Any], RunPlan]:
     if metrics.get("run_id") != manifest["run_id"]:
         raise RuntimeError(f"{final} was not trained from the prepared data of this run "
                            f"(run {metrics.get('run_id')} vs {manifest['run_id']}): run train.py again.")
-    previous = read_record(plan.target, s)
+    refuse_non_finite(final, metrics)
+    current = read_published(plan.target, s)
+    if current.publish_id != plan.base:
+        raise PublishConflict(f"{plan.target} changed while this run trained: it held "
+                              f"{'no record' if not plan.base else 'publish ' + plan.base} when the run started and holds "
+                              f"{'no record' if not current.publish_id else 'publish ' + current.publish_id} now (another run "
+                              "published there). Nothing was published and the state is not advanced. Fix: run again: "
+                              "the next run continues from what is published now.")
+    previous = current.record
     if plan.stage == "instruct" and previous is None:
         previous = read_record(s.output_repo, s)  # the instruct record continues the pretraining history
     if metrics.get("partial"):
-        return publish_checkpoint(s, plan, work, metrics, previous), plan
+        return publish_checkpoint(s, plan, work, metrics, previous, current.revision), plan
     record = build_record(s, plan, manifest, metrics, previous)
     record["publish_id"] = f"{manifest['run_id']}-{uuid.uuid4().hex[:12]}"
     last = record["history"][-1]
@@ -254,12 +283,32 @@ def publish(s: Settings, work: Path) -> tuple[dict[str, Any], RunPlan]:
         (staged / "README.md").write_text(render_card(record, plan.target))
 
     _deliver(s, plan.target, work, fill, f"{last['stage']} shard {last['shard']}: validation loss "
-             f"{last.get('eval_loss', float('nan')):.4f}", record["publish_id"])
+             f"{last.get('eval_loss', float('nan')):.4f}", record["publish_id"], current.revision)
     return record, plan
 
 
+def refuse_non_finite(final: Path, metrics: dict[str, Any]) -> None:
+    """The last gate before anything is published: every loss in the metrics and every weight of
+    what is about to be published is finite (a NaN model must never replace a good one, whichever
+    path produced it)."""
+    import math
+
+    from quant_utils import non_finite_tensors
+
+    losses = {k: metrics[k] for k in ("eval_loss", "train_loss", "eval_loss_before", "merged_eval_loss")
+              if isinstance(metrics.get(k), (int, float))}
+    bad = [f"{k}={v}" for k, v in losses.items() if not math.isfinite(v)]
+    for d in (final, final / "last-checkpoint"):
+        if d.is_dir() and any(d.glob("*.safetensors")):
+            bad += non_finite_tensors(d)
+    if bad:
+        raise NonFinite(f"{final}: not published, it holds non-finite values ({', '.join(bad[:3])}"
+                        f"{', …' if len(bad) > 3 else ''}): the training diverged. The published output and the state "
+                        "are unchanged. Fix: a lower LEARNING_RATE, more WARMUP_RATIO, or PRECISION=bf16/fp32.")
+
+
 def publish_checkpoint(s: Settings, plan: RunPlan, work: Path, metrics: dict[str, Any],
-                       previous: dict[str, Any] | None) -> dict[str, Any]:
+                       previous: dict[str, Any] | None, revision: str | None) -> dict[str, Any]:
     """A shard stopped mid-way: publish its full-state checkpoint as last-checkpoint/ with a record
     that says where to resume, and nothing else. The published model stays the last finished one and
     the state does not advance."""
@@ -285,11 +334,11 @@ def publish_checkpoint(s: Settings, plan: RunPlan, work: Path, metrics: dict[str
         (staged / STATE_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
     _deliver(s, plan.target, work, fill, f"{plan.stage} shard {plan.shard}: checkpoint at step {metrics['step']}",
-             record["publish_id"], only=["last-checkpoint/", STATE_FILE])
+             record["publish_id"], revision, only=["last-checkpoint/", STATE_FILE])
     return record
 
 
-def _deliver(s: Settings, target: str, work: Path, fill, message: str, publish_id: str,
+def _deliver(s: Settings, target: str, work: Path, fill, message: str, publish_id: str, revision: str | None,
              only: list[str] | None = None) -> None:
     """Make `target` hold what `fill(staged)` writes into a staging directory: the whole output, or,
     with `only` (files, and folders ending in /), just those paths, the rest of the published output
@@ -308,13 +357,16 @@ def _deliver(s: Settings, target: str, work: Path, fill, message: str, publish_i
                         copy_function=link_or_copy)
     else:
         staged.mkdir()
-    fill(staged)
-    if local:
-        _fsync_tree(staged)
-        _swap_in(staged, root)
-    else:
-        hub(s).publish(target, staged, message, publish_id, replace=only)
-        shutil.rmtree(staged)
+    try:
+        fill(staged)
+        if local:
+            _fsync_tree(staged)
+            _swap_in(staged, root)
+        else:
+            hub(s).publish(target, staged, message, publish_id, revision, replace=only)
+    finally:  # a failed publish (a full disk, the Hub down) leaves no half-written copy behind
+        if staged.exists():
+            shutil.rmtree(staged, ignore_errors=True)
 
 
 def link_or_copy(src: str, dst: str) -> None:
@@ -351,6 +403,14 @@ class HubError(RuntimeError):
     """A Hub call that kept failing on transient errors, or a publish that met a concurrent change."""
 
 
+class NonFinite(RuntimeError):
+    """What was trained holds NaN or infinity: it is never published."""
+
+
+class PublishConflict(HubError):
+    """The output changed under this run (another run published there): nothing is published."""
+
+
 class HubRefused(BadInput):
     """A Hub call that cannot succeed (401, 403, 404, a rejected request): bad input, exit 2."""
 
@@ -385,8 +445,13 @@ class Hub:
     def transient(e: BaseException) -> tuple[bool, float | None]:
         """(retry?, the server's Retry-After in seconds if it gave one)."""
         import httpx2
-        from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
+        if isinstance(e, LocalEntryNotFoundError):  # the client got no answer and has no cached copy: why?
+            cause = e.__cause__
+            return Hub.transient(cause) if cause is not None else (True, None)
+        if isinstance(e, httpx2.LocalProtocolError):  # the request itself is malformed: no retry can help
+            return False, None
         if isinstance(e, HfHubHTTPError) and e.response is not None:
             code = e.response.status_code
             if code == 429 or code >= 500:
@@ -443,32 +508,40 @@ class Hub:
         return HubRefused([f"{what}: {detail}" + (f". Fix: {fix}" if fix else "")])
 
     # --- reading ----------------------------------------------------------------------------------
-    def read_text(self, repo: str, path: str) -> str | None:
-        """A file of the repo's main branch, or None when the repo or the file does not exist."""
+    def read_text(self, repo: str, path: str, revision: str | None = None) -> str | None:
+        """A file of the repo at `revision` (a commit: what is read is exactly that commit's file,
+        from the cache or the Hub; default the main branch), or None when the Hub answers that the
+        repo, the revision or the file does not exist."""
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
 
-        local = self.unless_missing(f"read {repo}/{path}", (EntryNotFoundError, RepositoryNotFoundError), hf_hub_download,
-                                    repo, path, token=self.token or False, cache_dir=self.cache())
+        local = self.unless_missing(f"read {repo}/{path}", hf_hub_download, repo, path, revision=revision,
+                                    token=self.token or False, cache_dir=self.cache(), etag_timeout=self.s.hub_timeout)
         return None if local is None else Path(local).read_text()
 
-    def list_files(self, repo: str) -> list[str] | None:
-        from huggingface_hub.errors import RepositoryNotFoundError
-
-        return self.unless_missing(f"list {repo}", (RepositoryNotFoundError,), self.api.list_repo_files, repo)
+    def list_files(self, repo: str, revision: str | None = None) -> list[str] | None:
+        return self.unless_missing(f"list {repo}", self.api.list_repo_files, repo, revision=revision)
 
     def head(self, repo: str) -> str | None:
-        from huggingface_hub.errors import RepositoryNotFoundError
-
-        info = self.unless_missing(f"info {repo}", (RepositoryNotFoundError,), self.api.repo_info, repo)
+        info = self.unless_missing(f"info {repo}", self.api.repo_info, repo)
         return None if info is None else info.sha
 
-    def unless_missing(self, what: str, missing: tuple[type[BaseException], ...], fn, *args, **kwargs):
-        """`call`, with None where the Hub says the repo or file is not there."""
+    @staticmethod
+    def absent(e: BaseException | None) -> bool:
+        """The one rule for "not there": the Hub itself answered 404 for this repo, revision or file.
+        A Hub that could not be reached (huggingface_hub's LocalEntryNotFoundError: no answer and no
+        cached copy), a 5xx, a timeout or a gated repo is not an answer about the file."""
+        from huggingface_hub.errors import (GatedRepoError, RemoteEntryNotFoundError, RepositoryNotFoundError,
+                                            RevisionNotFoundError)
+
+        return (isinstance(e, (RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError))
+                and not isinstance(e, GatedRepoError) and e.response is not None and e.response.status_code == 404)
+
+    def unless_missing(self, what: str, fn, *args, **kwargs):
+        """`call`, with None where the Hub answers that the repo, revision or file is not there."""
         try:
             return self.call(what, fn, *args, **kwargs)
         except HUB_ERRORS as e:
-            if isinstance(e.__cause__, missing):
+            if self.absent(e.__cause__):
                 return None
             raise
 
@@ -527,7 +600,8 @@ class Hub:
         return problems
 
     # --- writing ------------------------------------------------------------------------------
-    def publish(self, repo: str, folder: Path, message: str, publish_id: str, replace: list[str] | None = None) -> str:
+    def publish(self, repo: str, folder: Path, message: str, publish_id: str, parent: str | None,
+                replace: list[str] | None = None) -> str:
         """One commit making `repo` hold exactly `folder` (or, with `replace`, making those paths hold
         what `folder` has and leaving the rest): every file added, every file of an earlier publish
         that is not in `folder` deleted, on top of the head read before (parentCommit), so
@@ -537,9 +611,13 @@ class Hub:
         from huggingface_hub import CommitOperationAdd, CommitOperationDelete
         from huggingface_hub.errors import HfHubHTTPError
 
-        self.call(f"create {repo}", self.api.create_repo, repo, private=self.s.private, exist_ok=True)
-        parent = self.head(repo)
-        existing = set(self.list_files(repo) or [])
+        if parent is None:  # a new repo: created now, and still without a record
+            self.call(f"create {repo}", self.api.create_repo, repo, private=self.s.private, exist_ok=True)
+            parent = self.head(repo)
+            if parent is None or self.read_text(repo, STATE_FILE, revision=parent) is not None:
+                raise PublishConflict(f"publish {repo}: another run created and published this repo while this run "
+                                      "trained. Nothing was published. Fix: run again; the next run reads what is there now.")
+        existing = set(self.list_files(repo, revision=parent) or [])
         if replace is not None:  # only these paths (a file, or a folder ending in /) are this publish's
             existing = {f for f in existing if any(f == r or (r.endswith("/") and f.startswith(r)) for r in replace)}
         files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
@@ -555,11 +633,16 @@ class Hub:
         except HUB_ERRORS as e:
             cause = e.__cause__
             if isinstance(cause, HfHubHTTPError) and cause.response is not None and cause.response.status_code == 412:
-                landed = self.read_text(repo, STATE_FILE)
-                if landed and json.loads(landed).get("publish_id") == publish_id:
-                    return self.head(repo) or ""
-                raise HubError(f"publish {repo}: the repo changed while this run was publishing. Fix: run again; "
-                               "the next run reads what is there now.") from cause
+                head = self.head(repo)
+                landed = self.read_text(repo, STATE_FILE, revision=head) if head else None
+                try:
+                    if landed and json.loads(landed).get("publish_id") == publish_id:
+                        return head or ""
+                except json.JSONDecodeError:
+                    pass
+                raise PublishConflict(f"publish {repo}: another run published to this repo while this run was training or "
+                                      "publishing, so nothing was published and the state is not advanced. Fix: run again; "
+                                      "the next run reads what is there now.") from cause
             raise
 
     # --- the Space ----------------------------------------------------------------------------------
@@ -609,6 +692,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="util.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("command", choices=["plan", "publish", "pause"])
     args = ap.parse_args(argv)
+    redact.install()
     try:
         s = load_settings()
         if args.command == "plan":
@@ -621,7 +705,18 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             print(hub(s).pause())
             return 0
-        record, plan = publish(s, Path(s.work_dir))
+        from output_lock import OutputBusy, acquire
+
+        try:
+            acquire(s)
+        except OutputBusy as e:
+            print(f"Busy: {e}", file=sys.stderr)
+            return 1
+        try:
+            record, plan = publish(s, Path(s.work_dir))
+        except NonFinite as e:
+            print(f"publish refused: {e}", file=sys.stderr)
+            return 1
         print(summary(record, plan.target))
         h = _HUBS.get(id(s))
         if h is not None and h.retries:
@@ -631,6 +726,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except BadInput as e:
         return report(e)
+    except PublishConflict as e:
+        print(f"publish refused: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        code = report_disk_full(e)
+        if code is None:
+            raise
+        return code
     except HubError as e:
         print(f"Hub: {e}", file=sys.stderr)
         return 1

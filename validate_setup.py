@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import redact
+
 HERE = Path(__file__).resolve().parent
 # bitsandbytes' warning about an optional CPU kernel package (see config.py); this script must not
 # import config, whose own dependencies it checks.
@@ -104,6 +106,10 @@ def fn_deepspeed() -> str:
     import torch
     import torch.distributed as dist
 
+    from jit_ops import load_comm_op
+
+    # Before DeepSpeed starts its comm backend, which would build the op under torch's bare lock.
+    built = load_comm_op(lambda m: print(f"[validate] {m}", flush=True))
     if not dist.is_initialized():
         with socket.socket() as sock:  # a port nobody holds: a busy one makes the rendezvous wait
             sock.bind(("127.0.0.1", 0))
@@ -121,7 +127,7 @@ def fn_deepspeed() -> str:
     loss = engine(input_ids=x, labels=x).loss
     engine.backward(loss)
     engine.step()
-    return f"ZeRO-2 engine on {engine.device} ({deepspeed.get_accelerator().communication_backend_name()}), one step"
+    return f"ZeRO-2 engine on {engine.device} ({deepspeed.get_accelerator().communication_backend_name()}; {built}), one step"
 
 
 def fn_tokenizers() -> str:
@@ -167,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="validate_setup.py", description="Check the installed dependencies.")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    redact.install()
     results = run_checks()
     ok = all(r["ok"] for r in results)
     if args.json:

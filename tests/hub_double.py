@@ -118,6 +118,15 @@ class HubDouble:
         with self.lock:
             self.faults.clear()
 
+    def seed(self, repo_id: str, files: dict[str, bytes], title: str = "seed", private: bool = True) -> str:
+        """A repo holding `files` in one commit (what an earlier run published); returns its sha."""
+        with self.lock:
+            repo = self.repos.setdefault(repo_id, Repo("model", private))
+            sha = hashlib.sha1(f"{repo_id}{len(repo.commits)}{sorted(files)}".encode()).hexdigest()
+            repo.files = dict(files)
+            repo.commits.append((sha, dict(files), title))
+        return sha
+
     def commits(self, repo_id: str) -> list[str]:
         repo = self.repos.get(repo_id)
         return [title for _, _, title in repo.commits] if repo else []

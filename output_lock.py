@@ -1,0 +1,146 @@
+"""One writer per output: a second run started on the same output says who holds it and stops.
+
+    python3 output_lock.py paths                    # the lock files of these settings, one per line
+    python3 output_lock.py take --owner PID FD...   # lock the files open on FD... (trainer.sh)
+
+The locks are flock(2) locks on small files beside what they guard: WORK_DIR.lock (the run's scratch
+space) and, for a local OUTPUT_REPO, OUTPUT_REPO.lock (OUTPUT_REPO and OUTPUT_REPO-it both). The kernel
+releases a flock when the last process holding it ends, kill -9 and crashes included, so a lock is
+never stale: a lock that is held has a live holder. The file itself only tells who that is (pid,
+host, start time, command), for the message a second run prints. A Hub OUTPUT_REPO has one more
+guard that needs no lock: every publish is a commit on top of the commit the run started from, so a
+concurrent publish from another machine fails instead of overwriting (util.Hub.publish).
+
+trainer.sh opens the files, has `take` lock them on its open descriptors, and keeps them for the
+whole pipeline (its child processes inherit them); it exports TRAIN_LLAMA_LOCKED=1 so the stages
+do not lock again. A stage run on its own (`python3 util.py publish`) takes the locks itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+from config import BadInput, Settings, is_local_target, load_settings, local_path, report
+
+INHERITED = "TRAIN_LLAMA_LOCKED"  # set by trainer.sh: it holds the locks for this process tree
+
+
+class OutputBusy(RuntimeError):
+    """Another live run holds the output."""
+
+
+def lock_files(s: Settings) -> list[Path]:
+    """Beside the directories they guard (taking a lock creates nothing inside them)."""
+    dirs = [Path(s.work_dir).resolve()] + ([local_path(s.output_repo)] if is_local_target(s.output_repo) else [])
+    return [d.with_name(d.name + ".lock") for d in dirs]
+
+
+def _holder(path: Path) -> str:
+    try:
+        info = json.loads(path.read_text() or "{}")
+    except (OSError, json.JSONDecodeError):
+        info = {}
+    if not info:
+        return "another process (it did not say which)"
+    age = time.time() - float(info.get("since", time.time()))
+    return (f"pid {info.get('pid')} on {info.get('host')} ({info.get('command', '?')}), "
+            f"running for {age / 60:.0f} min")
+
+
+# A run killed a moment ago may still be exiting (its processes release their descriptors as they
+# end, within milliseconds): a new run waits this long before it calls the output busy.
+GRACE_S = 5.0
+
+
+def _lock_fd(fd: int, path: Path, owner: int, grace_s: float = GRACE_S) -> None:
+    end = time.monotonic() + grace_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() < end:
+                time.sleep(0.1)
+                continue
+            raise OutputBusy(f"{path.with_suffix('')} is in use by another run: {_holder(path)}. One run writes an "
+                             "output at a time. Fix: wait for that run to finish or stop it (its lock goes with its "
+                             "process, kill -9 included); or give this run its own OUTPUT_REPO and WORK_DIR.") from None
+    try:
+        cmd = Path(f"/proc/{owner}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        cmd = "?"
+    info = {"pid": owner, "host": socket.gethostname(), "since": time.time(), "command": cmd[:200]}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+
+
+def acquire(s: Settings) -> list[int]:
+    """Lock every output of these settings for this process (released when it ends); a no-op under
+    trainer.sh, which holds them already. Raises OutputBusy naming the holder."""
+    if os.environ.get(INHERITED) == "1":
+        return []
+    fds = []
+    for path in lock_files(s):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        _lock_fd(fd, path, os.getpid())
+        fds.append(fd)
+    return fds
+
+
+def probe(s: Settings) -> str | None:
+    """Who holds the outputs of these settings, or None when a run could take them now (preflight)."""
+    if os.environ.get(INHERITED) == "1":
+        return None
+    for path in lock_files(s):
+        if not path.exists():
+            continue
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _holder(path)
+        finally:
+            os.close(fd)  # closing the descriptor releases the probe's own lock
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="output_lock.py", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    sub.add_parser("paths")
+    take = sub.add_parser("take")
+    take.add_argument("--owner", type=int, required=True, help="the pid of the process that holds the descriptors")
+    take.add_argument("fds", type=int, nargs="+")
+    args = ap.parse_args(argv)
+    try:
+        s = load_settings()
+    except BadInput as e:
+        return report(e)
+    paths = lock_files(s)
+    if args.command == "paths":
+        for p in paths:
+            p.parent.mkdir(parents=True, exist_ok=True)
+        print("\n".join(str(p) for p in paths))
+        return 0
+    if len(args.fds) != len(paths):
+        print(f"output_lock.py take: {len(args.fds)} descriptor(s) for {len(paths)} lock file(s)", file=sys.stderr)
+        return 1
+    try:
+        for fd, path in zip(args.fds, paths):
+            _lock_fd(fd, path, args.owner)
+    except OutputBusy as e:
+        print(f"Busy: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
