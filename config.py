@@ -65,16 +65,38 @@ def report(e: BadInput) -> int:
     return EXIT_BAD_INPUT
 
 
-def report_disk_full(e: OSError) -> int | None:
-    """A full disk (ENOSPC, EDQUOT) as one line with its fix, exit 1; None for any other OSError."""
+class RunFailure(RuntimeError):
+    """A runtime failure whose message says all (what happened and the fix): printed without a
+    traceback, exit 1. `label` starts the line."""
+
+    label = "Failed"
+
+
+def report_failure(e: Exception) -> int | None:
+    """Print a RunFailure, or a full disk (ENOSPC, EDQUOT) with its fix, and return exit code 1;
+    None for anything else (which the caller re-raises)."""
     import errno
 
-    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-        return None
-    print(f"Disk full: {e.strerror} writing {e.filename or 'a file'}. Nothing of this run was published and the state "
-          "is unchanged. Fix: free space there, or point WORK_DIR / OUTPUT_REPO / HF_HOME at a larger disk, then run "
-          "again.", file=sys.stderr)
-    return 1
+    if isinstance(e, RunFailure):
+        print(f"{e.label}: {e}", file=sys.stderr)
+        return 1
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        print(f"Disk full: {e.strerror} writing {e.filename or 'a file'}. Nothing of this run was published and the "
+              "state is unchanged. Fix: free space there, or point WORK_DIR / OUTPUT_REPO / HF_HOME at a larger disk, "
+              "then run again.", file=sys.stderr)
+        return 1
+    return None
+
+
+def failure_exit(e: Exception) -> int:
+    """The exit code of a failure an entry point reports in one message, no traceback: bad input 2,
+    a RunFailure or a full disk 1. Anything else is re-raised, traceback and all."""
+    if isinstance(e, BadInput):
+        return report(e)
+    code = report_failure(e)
+    if code is None:
+        raise e
+    return code
 
 
 class SettingsError(BadInput):

@@ -27,13 +27,15 @@ import sys
 import time
 from pathlib import Path
 
-from config import BadInput, Settings, is_local_target, load_settings, local_path, report
+from config import BadInput, RunFailure, Settings, is_local_target, load_settings, local_path, report
 
 INHERITED = "TRAIN_LLAMA_LOCKED"  # set by trainer.sh: it holds the locks for this process tree
 
 
-class OutputBusy(RuntimeError):
+class OutputBusy(RunFailure):
     """Another live run holds the output."""
+
+    label = "Busy"
 
 
 def lock_files(s: Settings) -> list[Path]:

@@ -25,10 +25,10 @@ from dataclasses import asdict
 from typing import Any, Iterable
 
 import redact
-from config import (BadInput, report_disk_full, Settings, architecture, count_parameters, is_local_target, load_settings, local_path,
+from config import (BadInput, failure_exit, RunFailure, Settings, architecture, count_parameters, is_local_target, load_settings, local_path,
                     report, resolve_precision)
 from quant_utils import convert, non_finite_tensors, verify_checkpoint
-from output_lock import OutputBusy, acquire
+from output_lock import acquire
 from run_state import validate_checkpoint
 from util import HubError, RunPlan, hub, link_or_copy, materialize, plan_run
 
@@ -489,16 +489,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"this run: {plan.describe()}")
         prepare(s, plan)
         return 0
-    except BadInput as e:
-        return report(e)
-    except OutputBusy as e:
-        print(f"Busy: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        code = report_disk_full(e)
-        if code is None:
-            raise
-        return code
+    except (BadInput, RunFailure, OSError) as e:
+        return failure_exit(e)
     except HubError as e:
         print(f"Hub: {e}", file=sys.stderr)
         return 1

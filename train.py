@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import redact
-from config import EXIT_BAD_INPUT, BadInput, report_disk_full, Settings, deepspeed_config, load_settings, report, resolve_precision
+from config import EXIT_BAD_INPUT, BadInput, failure_exit, RunFailure, Settings, deepspeed_config, load_settings, report, resolve_precision
 
 DATA_ORDER = "data_order.json"
 # Exit code of a run stopped (signal) before its first optimizer step: nothing to publish, the
@@ -481,13 +481,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work / stale)
     try:
         return fit(s, work)
-    except BadInput as e:
-        return report(e)
-    except OSError as e:
-        code = report_disk_full(e)
-        if code is None:
-            raise
-        return code
+    except (BadInput, RunFailure, OSError) as e:
+        return failure_exit(e)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import redact
-from config import BadInput, Settings, is_local_target, load_settings, local_path, report, report_disk_full
+from config import BadInput, Settings, is_local_target, load_settings, local_path, report, failure_exit, RunFailure
 from run_state import RECORD_FORMAT, STATE_FILE, validate_record
 
 EXIT_DONE = 3
@@ -403,12 +403,16 @@ class HubError(RuntimeError):
     """A Hub call that kept failing on transient errors, or a publish that met a concurrent change."""
 
 
-class NonFinite(RuntimeError):
+class NonFinite(RunFailure):
     """What was trained holds NaN or infinity: it is never published."""
 
+    label = "publish refused"
 
-class PublishConflict(HubError):
+
+class PublishConflict(HubError, RunFailure):
     """The output changed under this run (another run published there): nothing is published."""
+
+    label = "publish refused"
 
 
 class HubRefused(BadInput):
@@ -705,18 +709,10 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             print(hub(s).pause())
             return 0
-        from output_lock import OutputBusy, acquire
+        from output_lock import acquire
 
-        try:
-            acquire(s)
-        except OutputBusy as e:
-            print(f"Busy: {e}", file=sys.stderr)
-            return 1
-        try:
-            record, plan = publish(s, Path(s.work_dir))
-        except NonFinite as e:
-            print(f"publish refused: {e}", file=sys.stderr)
-            return 1
+        acquire(s)
+        record, plan = publish(s, Path(s.work_dir))
         print(summary(record, plan.target))
         h = _HUBS.get(id(s))
         if h is not None and h.retries:
@@ -724,16 +720,8 @@ def main(argv: list[str] | None = None) -> int:
         if s.space_id:
             print(hub(s).space_after_publish(record))
         return 0
-    except BadInput as e:
-        return report(e)
-    except PublishConflict as e:
-        print(f"publish refused: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        code = report_disk_full(e)
-        if code is None:
-            raise
-        return code
+    except (BadInput, RunFailure, OSError) as e:
+        return failure_exit(e)
     except HubError as e:
         print(f"Hub: {e}", file=sys.stderr)
         return 1

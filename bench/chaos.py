@@ -30,7 +30,8 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from conftest import make_env, tree_digest  # noqa: E402
+from conftest import finish as conftest_finish, make_env, start_trainer, tree_digest  # noqa: E402
+from conftest import wait_for as conftest_wait_for  # noqa: E402
 from hub_double import HubDouble  # noqa: E402
 
 TOKEN = "hf_chaosWriteToken0123456789abcdefg"
@@ -46,34 +47,7 @@ class Case:
             self.problems.append(what)
 
 
-def start(env: dict[str, str], cmd: list[str] | None = None) -> subprocess.Popen:
-    return subprocess.Popen(cmd or ["./trainer.sh"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def wait_for(proc: subprocess.Popen, needle: str, timeout: float = 300) -> str:
-    seen, end = [], time.monotonic() + timeout
-    while time.monotonic() < end:
-        line = proc.stdout.readline()
-        if not line and proc.poll() is not None:
-            break
-        seen.append(line)
-        if needle in line:
-            return "".join(seen)
-    raise RuntimeError(f"never saw {needle!r}: {''.join(seen)[-1500:]}")
-
-
-def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
-    try:
-        out = proc.communicate(timeout=timeout)[0]
-        return proc.returncode, out
-    except subprocess.TimeoutExpired:
-        return -999, "timed out"
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+start, wait_for, finish = start_trainer, conftest_wait_for, conftest_finish
 
 
 def run(env: dict[str, str], cmd: list[str] | None = None, timeout: float = 600) -> tuple[int, str]:

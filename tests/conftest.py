@@ -6,8 +6,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -88,3 +90,36 @@ def tree_digest(root: Path) -> str:
 def record(target: str | Path) -> dict | None:
     p = Path(target) / "training_state.json"
     return json.loads(p.read_text()) if p.exists() else None
+
+
+def start_trainer(env: dict[str, str], cmd: list[str] | None = None) -> subprocess.Popen:
+    """./trainer.sh (or `cmd`) in its own process group, its output readable line by line."""
+    return subprocess.Popen(cmd or ["./trainer.sh"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def wait_for(proc: subprocess.Popen, needle: str, timeout: float = 300) -> str:
+    """Read `proc`'s output until a line contains `needle`; what was read."""
+    seen, end = [], time.monotonic() + timeout
+    while time.monotonic() < end:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        seen.append(line)
+        if needle in line:
+            return "".join(seen)
+    raise AssertionError(f"never saw {needle!r}:\n{''.join(seen)[-4000:]}")
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
+    """Wait for `proc`; its exit code and the rest of its output. Its process group is killed after."""
+    try:
+        rest = proc.communicate(timeout=timeout)[0]
+        return proc.returncode, rest
+    except subprocess.TimeoutExpired:
+        return -999, "timed out"
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, make_env, record, run, tree_digest
+from conftest import ROOT, make_env, record, run, start_trainer, tree_digest, wait_for
 
 pytestmark = pytest.mark.slow
 TOKEN = "hf_e2eFakeTokenValue0123456789"
@@ -89,20 +89,10 @@ def test_running_again_after_done_changes_nothing(done):
 
 
 def _start(env):
-    return subprocess.Popen(["./trainer.sh"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    return start_trainer(env)
 
 
-def _wait_for(proc, needle: str, timeout: float = 300) -> str:
-    seen, end = [], time.monotonic() + timeout
-    while time.monotonic() < end:
-        line = proc.stdout.readline()
-        if not line and proc.poll() is not None:
-            break
-        seen.append(line)
-        if needle in line:
-            return "".join(seen)
-    raise AssertionError(f"never saw {needle!r}:\n{''.join(seen)[-4000:]}")
+_wait_for = wait_for
 
 
 def _model_digest(out: Path) -> str:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, make_env, py, run
+from conftest import ROOT, finish, make_env, py, run, start_trainer, wait_for
 from hub_double import HubDouble
 
 from config import BadInput, SettingsError, load_settings
@@ -610,32 +610,7 @@ def test_a_token_with_a_newline_reaches_the_hub_stripped_and_is_never_printed(tm
 # --- end to end: signals, a second run, a damaged model ------------------------------------------------------
 
 
-def _start(env):
-    return subprocess.Popen(["./trainer.sh"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-
-
-def _wait_for(proc, needle: str, timeout: float = 300) -> str:
-    seen, end = [], time.monotonic() + timeout
-    while time.monotonic() < end:
-        line = proc.stdout.readline()
-        if not line and proc.poll() is not None:
-            break
-        seen.append(line)
-        if needle in line:
-            return "".join(seen)
-    raise AssertionError(f"never saw {needle!r}:\n{''.join(seen)[-4000:]}")
-
-
-def _finish(proc, timeout: float = 300) -> tuple[int, str]:
-    try:
-        rest = proc.communicate(timeout=timeout)[0]
-        return proc.returncode, rest
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+_start, _wait_for, _finish = start_trainer, wait_for, finish
 
 
 @pytest.mark.slow
