@@ -50,8 +50,15 @@ class Case:
 start, wait_for, finish = start_trainer, conftest_wait_for, conftest_finish
 
 
-def run(env: dict[str, str], cmd: list[str] | None = None, timeout: float = 600) -> tuple[int, str]:
-    return finish(start(env, cmd), timeout)
+LOGS: list[Path] = []  # where each run's output is kept (--logs)
+
+
+def run(env: dict[str, str], cmd: list[str] | None = None, timeout: float = 300) -> tuple[int, str]:
+    code, out = finish(start(env, cmd), timeout)
+    if LOGS:
+        log = LOGS[0] / f"{len(list(LOGS[0].iterdir())):03d}.log"
+        log.write_text(f"exit {code}\n{out}")
+    return code, out
 
 
 def orphans(work: str) -> list[str]:
@@ -467,7 +474,11 @@ def secret_cases(ch: Chaos, only: str | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", help="run the cases whose name contains this text")
+    ap.add_argument("--logs", help="keep the output of every run in this directory")
     args = ap.parse_args(argv)
+    if args.logs:
+        Path(args.logs).mkdir(parents=True, exist_ok=True)
+        LOGS.append(Path(args.logs))
     os.environ["PATH"] = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
     with tempfile.TemporaryDirectory(prefix="chaos-") as tmp:
         ch = Chaos(Path(tmp))
