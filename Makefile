@@ -6,9 +6,18 @@ TORCH_VERSION     := 2.13.0
 DEEPSPEED_VERSION := 0.19.8
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run test test-fast bench clean
+.PHONY: setup chromium run test test-fast bench clean
 
 setup: $(STAMP)
+
+# Headless Chromium: the status page's browser test. Debian's package, installed here like every
+# other dependency (as root, e.g. CI and the container; elsewhere it says what to run).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null) \
+	      || { echo "could not install chromium (apt-get install chromium)"; exit 1; }; \
+	  else echo "chromium is missing: run 'sudo apt-get install chromium' (the status page's browser test needs it)"; exit 1; fi
 
 # torch first and pinned (constraints keep every later install from replacing it: an unpinned torch
 # pulls several GB of CUDA wheels), then the stack, then deepspeed built against that torch.
@@ -24,10 +33,10 @@ $(STAMP): requirements.txt requirements-dev.txt Makefile
 run: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" ./trainer.sh
 
-test: setup
+test: setup chromium
 	$(PY) -m pytest -q tests
 
-test-fast: setup
+test-fast: setup chromium
 	$(PY) -m pytest -q -m "not slow" tests
 
 bench: setup

@@ -23,6 +23,7 @@ import tomllib
 from pathlib import Path
 
 import redact
+import status_page
 from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
@@ -60,8 +61,11 @@ class BadInput(ValueError):
 
 
 def report(e: BadInput) -> int:
-    """Print a BadInput for the user (stderr) and return the exit code entry points use for it."""
-    print("Bad input:\n  " + "\n  ".join(e.problems), file=sys.stderr)
+    """Print a BadInput for the user (stderr; the status page shows it too) and return the exit code
+    entry points use for it."""
+    text = "Bad input:\n  " + "\n  ".join(e.problems)
+    print(text, file=sys.stderr)
+    status_page.emit("failure", message=text)
     return EXIT_BAD_INPUT
 
 
@@ -78,14 +82,16 @@ def report_failure(e: Exception) -> int | None:
     import errno
 
     if isinstance(e, RunFailure):
-        print(f"{e.label}: {e}", file=sys.stderr)
-        return 1
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        print(f"Disk full: {e.strerror} writing {e.filename or 'a file'}. Nothing of this run was published and the "
-              "state is unchanged. Fix: free space there, or point WORK_DIR / OUTPUT_REPO / HF_HOME at a larger disk, "
-              "then run again.", file=sys.stderr)
-        return 1
-    return None
+        text = f"{e.label}: {e}"
+    elif isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        text = (f"Disk full: {e.strerror} writing {e.filename or 'a file'}. Nothing of this run was published and the "
+                "state is unchanged. Fix: free space there, or point WORK_DIR / OUTPUT_REPO / HF_HOME at a larger disk, "
+                "then run again.")
+    else:
+        return None
+    print(text, file=sys.stderr)
+    status_page.emit("failure", message=text)
+    return 1
 
 
 def failure_exit(e: Exception) -> int:
@@ -290,6 +296,10 @@ class Settings(BaseSettings):
     hub_timeout: float = _env("HUB_TIMEOUT", default=120.0, gt=0, description="Seconds a Hub request may stall before it counts as a timeout.")
     space_id: str | None = _env("SPACE_ID", default=None,
                                 description="Set by Hugging Face Spaces: the Space this runs in. Then INIT/INST are written back to its variables after each publish, and it is paused when the pipeline is done.")
+    port: int = _env("PORT", default=7860, ge=1, le=65535,
+                     description="Port of the status page (read from the environment when the container starts; a Space's app_port is 7860).")
+    keep_serving: bool | None = _env("KEEP_SERVING", default=None,
+                                     description="Keep the status page up after the pipeline ends or fails, until the container stops (default: true in a Space, false elsewhere; read from the environment).")
     work_dir: str = _env("WORK_DIR", default="./work", description="Scratch directory: prepared data and the trained model before it is published.")
 
     # --- time --------------------------------------------------------------------------------------
@@ -372,6 +382,11 @@ def _cross_checks(s: Settings) -> list[str]:
         elif s.hf_token is None or not s.hf_token.get_secret_value():
             problems.append(f"OUTPUT_REPO={s.output_repo!r} is a Hub repo but HF_TOKEN is not set. "
                             "Fix: set the secret HF_TOKEN to a token with write access, or use a local OUTPUT_REPO.")
+    if s.space_id and is_local_target(s.output_repo):
+        problems.append(f"OUTPUT_REPO={s.output_repo!r} is a local directory, but this runs in a Space (SPACE_ID="
+                        f"{s.space_id!r}), whose disk is wiped at every restart: the next run would find nothing. Fix: set "
+                        "the variable OUTPUT_REPO to a Hub model repo id, e.g. OUTPUT_REPO=your-name/my-llama (created "
+                        "private on the first publish; instruct runs go to OUTPUT_REPO-it).")
     if s.space_id and (s.hf_token is None or not s.hf_token.get_secret_value()):
         problems.append(f"SPACE_ID={s.space_id!r}: running in a Space, which needs HF_TOKEN to write INIT/INST back to its "
                         "variables and to pause it when done. Fix: add the secret HF_TOKEN (write access) in the Space settings.")

@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from config import BadInput, RunFailure, Settings, is_local_target, load_settings, local_path, report
+from config import BadInput, RunFailure, Settings, failure_exit, is_local_target, load_settings, local_path, report
 
 INHERITED = "TRAIN_LLAMA_LOCKED"  # set by trainer.sh: it holds the locks for this process tree
 
@@ -139,8 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         for fd, path in zip(args.fds, paths):
             _lock_fd(fd, path, args.owner)
     except OutputBusy as e:
-        print(f"Busy: {e}", file=sys.stderr)
-        return 1
+        return failure_exit(e)
     return 0
 
 

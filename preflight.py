@@ -98,7 +98,12 @@ def check_output(s: Settings) -> Check:
         p = local_path(target) if target != s.work_dir else Path(target).resolve()
         parent = next(q for q in [p, *p.parents] if q.exists())
         if not os.access(parent, os.W_OK):
-            problems.append(f"{p}: not writable (nearest existing directory {parent}). Fix: choose a writable OUTPUT_REPO / WORK_DIR.")
+            owner = parent.stat().st_uid
+            problems.append(f"{p}: not writable by uid {os.getuid()} (the nearest existing directory, {parent}, belongs to "
+                            f"uid {owner}). Fix: make it writable for this user (on a Docker host: sudo chown -R "
+                            f"{os.getuid()}:{os.getgid()} on the host folder mounted there, or create that folder before "
+                            "`docker run` so Docker does not create it as root), or run the container as the folder's owner "
+                            "(docker run --user $(id -u):$(id -g)), or choose a writable OUTPUT_REPO / WORK_DIR.")
     if not is_local_target(s.output_repo) or s.space_id:
         repos = [] if is_local_target(s.output_repo) else [s.output_repo, f"{s.output_repo}-it"]
         problems += hub(s).check_access(repos)
@@ -281,6 +286,11 @@ def main(argv: list[str] | None = None) -> int:
             for fix in c.fixes:
                 print(f"       - {fix}")
         print(f"preflight: {'the run can go' if ok else 'fix the problems above first'} ({time.perf_counter() - t0:.1f} s)")
+    if not ok:  # the status page shows what the log shows
+        import status_page
+
+        status_page.emit("failure", phase="preflight", message="\n".join(
+            f"[FAIL] {c.section}: {c.finding}" + "".join(f"\n  - {fix}" for fix in c.fixes) for c in checks if not c.ok))
     return 0 if ok else EXIT_BAD_INPUT
 
 

@@ -25,12 +25,13 @@ from dataclasses import asdict
 from typing import Any, Iterable
 
 import redact
+import status_page
 from config import (BadInput, failure_exit, RunFailure, Settings, architecture, count_parameters, is_local_target, load_settings, local_path,
                     report, resolve_precision)
 from quant_utils import convert, non_finite_tensors, verify_checkpoint
 from output_lock import acquire
 from run_state import validate_checkpoint
-from util import HubError, RunPlan, hub, link_or_copy, materialize, plan_run
+from util import RunPlan, hub, link_or_copy, materialize, plan_run, read_record
 
 BOS, EOS, PAD, UNK = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>", "<|unk|>"
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
@@ -374,6 +375,7 @@ def prepare(s: Settings, plan: RunPlan) -> dict[str, Any]:
     start, end, total = shard_bounds(len(ds), plan.shard, s.shard_size, var)
     shard = ds.select(range(start, end))
     log(f"{var}={spec}: {len(ds)} rows; shard {plan.shard} = rows {start}..{end - 1} ({total} shard(s))")
+    status_page.emit("plan", stage=plan.stage, shard=plan.shard, shards_total=total, describe=plan.describe())
 
     # Validate the whole shard before tokenizing anything.
     if plan.inst:
@@ -487,13 +489,12 @@ def main(argv: list[str] | None = None) -> int:
             log(plan.describe())
             return 0
         log(f"this run: {plan.describe()}")
+        published = read_record(plan.target, s) or (read_record(s.output_repo, s) if plan.inst else None)
+        status_page.emit("history", history=(published or {}).get("history", []))
         prepare(s, plan)
         return 0
     except (BadInput, RunFailure, OSError) as e:
         return failure_exit(e)
-    except HubError as e:
-        print(f"Hub: {e}", file=sys.stderr)
-        return 1
 
 
 if __name__ == "__main__":

@@ -90,6 +90,7 @@ def fold(events: list[dict[str, Any]], now: float | None = None) -> dict[str, An
         "failure")}
     st.update({"state": "starting", "train_curve": [], "val_curve": [], "history": [], "events": len(events)})
     started = train_started = None
+    first_step = 0
     for e in events:
         kind = e.get("kind")
         if kind == "start":
@@ -108,10 +109,9 @@ def fold(events: list[dict[str, Any]], now: float | None = None) -> dict[str, An
             st["phase"] = None
         elif kind == "plan":
             st.update({k: e.get(k) for k in ("stage", "shard", "shards_total")}, next_run=None)
-            st["plan"] = e.get("describe")
         elif kind == "train_begin":
-            train_started = e["t"]
-            st.update(max_steps=e.get("max_steps"), step=e.get("step", 0))
+            train_started, first_step = e["t"], e.get("step") or 0
+            st.update(max_steps=e.get("max_steps"), step=first_step)
         elif kind == "log":
             st.update({k: e[k] for k in ("step", "max_steps", "tokens", "tokens_per_s", "loss", "learning_rate") if k in e})
             if e.get("loss") is not None and e.get("tokens") is not None:
@@ -121,20 +121,22 @@ def fold(events: list[dict[str, Any]], now: float | None = None) -> dict[str, An
         elif kind == "publish":
             st.update(last_publish={k: e.get(k) for k in ("where", "url", "summary")} | {"at": e["t"]},
                       history=e.get("history") or st["history"], next_run=e.get("next_run"))
+        elif kind == "history":
+            st["history"] = e.get("history") or []
         elif kind == "failure":
             st["failure"] = {"phase": e.get("phase") or st["phase"], "message": e.get("message")}
             st["state"] = "failed"
         elif kind == "end":
             st["state"] = e.get("state", "done")
             st["phase"] = None
-            if e.get("message"):
+            if e.get("message") and st["next_run"] is None:
                 st["next_run"] = e["message"]
     if st["failure"] is not None:
         st["state"] = "failed"
     if started is not None:
         st["elapsed_s"] = round(now - started, 1)
     if train_started is not None and st["step"] and st["max_steps"]:
-        done_steps = max(1, st["step"] - (st.get("first_step") or 0))
+        done_steps = max(1, st["step"] - first_step)
         spent = now - train_started
         st["shard_elapsed_s"] = round(spent, 1)
         if st["state"] == "running":

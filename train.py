@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import redact
+import status_page
 from config import EXIT_BAD_INPUT, BadInput, failure_exit, RunFailure, Settings, deepspeed_config, load_settings, report, resolve_precision
 
 DATA_ORDER = "data_order.json"
@@ -206,6 +207,28 @@ def run_started() -> float:
     return float(os.environ.get("RUN_STARTED_AT") or time.time())
 
 
+def make_status_callback():
+    """Feeds the status page (rank 0): where training is and each logged loss."""
+    from transformers import TrainerCallback
+
+    import status_page
+
+    class StatusFeed(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            if state.is_world_process_zero:
+                status_page.emit("train_begin", step=state.global_step, max_steps=state.max_steps)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            logs = logs or {}
+            if state.is_world_process_zero and "loss" in logs:
+                status_page.emit("log", step=state.global_step, max_steps=state.max_steps,
+                                 tokens=int(state.num_input_tokens_seen), loss=float(logs["loss"]),
+                                 learning_rate=logs.get("learning_rate"),
+                                 tokens_per_s=logs.get("train_tokens_per_second"))
+
+    return StatusFeed()
+
+
 def make_budget_callback(started: float, until: float):
     from transformers import TrainerCallback
 
@@ -266,7 +289,7 @@ def fit(s: Settings, work: Path) -> int:
     resume = manifest.get("resume")
     try:
         load_comm_op(log)
-        trainer, tok, ckpt = build_trainer(s, prepared, work, precision, [budget])
+        trainer, tok, ckpt = build_trainer(s, prepared, work, precision, [budget, make_status_callback()])
         world = trainer.args.world_size
         log(f"{plan['stage']} shard {plan['shard']}: {manifest['train_sequences']} train / {manifest['val_sequences']} val "
             f"sequences of <= {s.max_length} tokens; precision {precision}; {world} rank(s) on "
@@ -288,6 +311,8 @@ def fit(s: Settings, work: Path) -> int:
                                 "model's weights or the run's precision produce non-finite values. Fix: publish a healthy "
                                 "model there (or INPUT_REPO), or try PRECISION=fp32."])
             log(f"validation loss before training: {before:.4f}")
+        if trainer.is_world_process_zero():
+            status_page.emit("eval", tokens=int(resume.get("tokens", 0)) if resume else 0, loss=before)
         t0 = time.perf_counter()
         result = train_or_explain(trainer, budget, prepared, resume)
     except StopRequested as e:
@@ -337,6 +362,8 @@ def fit(s: Settings, work: Path) -> int:
         "first_step_s": budget.first_step_s,
         **({"resumed_from_step": int(resume["step"]), "first_resumed_step_s": budget.first_step_s} if resume else {}),
     }
+    if trainer.is_world_process_zero():
+        status_page.emit("eval", tokens=tokens, loss=after)
     log(f"validation loss after training: {after:.4f} (perplexity {metrics['perplexity']:.2f}); "
         f"{metrics['steps']} steps, {tokens:,} tokens in {runtime:.0f} s ({metrics['tokens_per_s']:,.0f} tokens/s)")
     metrics["data_order_sha256"] = hashlib.sha256(json.dumps(trainer.batch_digests).encode()).hexdigest()

@@ -17,6 +17,10 @@
 # ignored until that is done (SIGKILL cuts it; what is published stays valid). Each phase runs in
 # its own session, so a signal sent to the whole process group (Ctrl-C) reaches only this script,
 # and with a parent-death signal, so that nothing outlives this script when it is killed.
+#
+# The status page (status_page.py) answers on PORT (default 7860) from the first second: every
+# phase, the training log and each publish feed it. When the pipeline ends or fails, it keeps
+# answering until the container stops if KEEP_SERVING=true (the default in a Space).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -38,7 +42,7 @@ forward() {  # the first stop signal stops the current phase; the next ones are 
     return 0
   fi
   stopping=1
-  if [ "$child" -eq 0 ]; then say "$1: stopping after this step"; return 0; fi
+  if [ "$child" -eq 0 ]; then say "$1: stopping"; return 0; fi
   case "$current" in
     train)  # each rank stops at the end of its step and saves (the launcher would kill them)
       say "$1: training stops at the end of this step; its full state is then saved and published"
@@ -57,6 +61,7 @@ trap 'forward TERM' TERM
 trap 'forward INT' INT
 
 banner() { printf '\n=== %s ===\n' "$*"; }
+status() { "$PY" status_page.py emit --dir "$TRAIN_LLAMA_STATUS_DIR" "$@" 2>/dev/null || true; }
 stopped_before() {
   banner "stopped by a signal during $1: nothing of this run was published; the published output and the state are unchanged"
   exit 3
@@ -73,6 +78,7 @@ phase() {
   current=${name%% *}
   start=$(date +%s)
   if [ "$stopping" -eq 1 ] && [ "$current" != "publish" ]; then stopped_before "$name"; fi
+  status phase "name=$current"
   $isolate "$@" &
   child=$!
   set +e
@@ -84,9 +90,35 @@ phase() {
   child=0
   current=""
   printf -- '--- %s: %s in %ss\n' "$name" "$([ "$rc" -eq 0 ] && echo done || echo "failed (exit $rc)")" "$(( $(date +%s) - start ))"
+  status phase_end "name=$current" "rc=$rc" "stopped=$([ "$stopping" -eq 1 ] && echo true || echo false)"
   if [ "$rc" -ne 0 ] && [ "$stopping" -eq 1 ]; then stopped_before "$name"; fi
   return "$rc"
 }
+
+# The status page first: it answers within a second of the start, whatever happens next.
+TRAIN_LLAMA_STATUS_DIR="$(mktemp -d "${TMPDIR:-/tmp}/train-llama-status.XXXXXX")"
+export TRAIN_LLAMA_STATUS_DIR
+status start
+$isolate "$PY" status_page.py serve --port "${PORT:-7860}" --dir "$TRAIN_LLAMA_STATUS_DIR" &
+page=$!
+ended=""
+on_exit() {  # the page says how the pipeline ended, and stays up where it is the only window on it
+  local rc=$1
+  trap - EXIT
+  if [ -z "$ended" ]; then
+    if [ "$rc" -eq 0 ]; then status end state=done; elif [ "$rc" -eq 3 ]; then status end state=stopped;
+    else status end state=failed; fi
+  fi
+  if [ "$stopping" -eq 0 ] && [ "${KEEP_SERVING:-$([ -n "${SPACE_ID:-}" ] && echo true || echo false)}" = "true" ]; then
+    say "the run is over (exit $rc); the status page stays up on port ${PORT:-7860} until the container stops"
+    # Short waits, so a stop signal (which sets `stopping`) ends this within a second.
+    while [ "$stopping" -eq 0 ] && kill -0 "$page" 2>/dev/null; do sleep 1 & wait $! || true; done
+  fi
+  kill "$page" 2>/dev/null || true
+  rm -rf "$TRAIN_LLAMA_STATUS_DIR"
+  exit "$rc"
+}
+trap 'on_exit $?' EXIT
 
 gpus=0
 if command -v nvidia-smi >/dev/null 2>&1; then gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true); fi
@@ -125,12 +157,15 @@ while :; do
   if [ "$planned" -eq 3 ]; then
     banner "done"
     "$PY" util.py plan || true
+    status end state=done "message=the pipeline is done: every shard is trained and published"
+    ended=1
     if [ -n "$space" ]; then "$PY" util.py pause; fi
     exit 0
   fi
   runs=$(( runs + 1 ))
   if [ "$runs" -gt 1 ]; then RUN_STARTED_AT=$(date +%s); fi
   banner "run $runs"
+  status run "run=$runs"
   phase "prep" "$PY" prep.py
   # WORK_DIR/final then holds the finished model, or the full-state checkpoint of a stopped shard.
   phase "train ($nproc_ rank(s))" deepspeed --log_level error --num_gpus "$nproc_" --master_port "$port" train.py
@@ -139,6 +174,8 @@ while :; do
   unset INIT INST
   if [ -n "$space" ]; then
     banner "this container's run is over: the Space restarts for the next one"
+    status end state=stopped "message=this container's run is over: the Space restarts for the next one"
+    ended=1
     exit 0
   fi
   if [ "$stopping" -eq 1 ]; then
@@ -147,6 +184,8 @@ while :; do
   fi
   if [ "$max_runs" -gt 0 ] && [ "$runs" -ge "$max_runs" ]; then
     banner "stopping after MAX_RUNS=$max_runs run(s)"
+    status end state=stopped "message=stopped after MAX_RUNS=$max_runs run(s)"
+    ended=1
     "$PY" util.py plan || true
     exit 0
   fi

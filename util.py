@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import redact
+import status_page
 from config import BadInput, Settings, is_local_target, load_settings, local_path, report, failure_exit, RunFailure
 from run_state import RECORD_FORMAT, STATE_FILE, validate_record
 
@@ -399,8 +400,10 @@ def hub(s: Settings | None) -> "Hub":
     return _HUBS[id(s)]
 
 
-class HubError(RuntimeError):
+class HubError(RunFailure):
     """A Hub call that kept failing on transient errors, or a publish that met a concurrent change."""
+
+    label = "Hub"
 
 
 class NonFinite(RunFailure):
@@ -409,7 +412,7 @@ class NonFinite(RunFailure):
     label = "publish refused"
 
 
-class PublishConflict(HubError, RunFailure):
+class PublishConflict(HubError):
     """The output changed under this run (another run published there): nothing is published."""
 
     label = "publish refused"
@@ -673,6 +676,19 @@ class Hub:
         return f"Space {space} variables set: INST={want['INST']} INIT={want['INIT']} (the Space restarts with them)"
 
 
+def where_published(target: str) -> str:
+    return str(local_path(target)) if is_local_target(target) else f"{target} on the Hub"
+
+
+def next_run_words(record: dict[str, Any]) -> str:
+    r, nxt = record.get("resume"), record.get("next")
+    if r:
+        return f"resumes {r['stage']} shard {r['shard']} at step {r['step']}"
+    if nxt is None:
+        return "none: the pipeline is done"
+    return f"{'instruct' if nxt['inst'] else 'pretrain'} shard {nxt['init']} (INST={str(nxt['inst']).lower()} INIT={nxt['init']})"
+
+
 def summary(record: dict[str, Any], target: str) -> str:
     where = local_path(target) if is_local_target(target) else f"{target} on the Hub"
     r = record.get("resume")
@@ -714,6 +730,9 @@ def main(argv: list[str] | None = None) -> int:
         acquire(s)
         record, plan = publish(s, Path(s.work_dir))
         print(summary(record, plan.target))
+        status_page.emit("publish", where=where_published(plan.target), url=None if is_local_target(plan.target) else
+                         f"https://huggingface.co/{plan.target}", summary=summary(record, plan.target).splitlines()[0],
+                         history=record.get("history", []), next_run=next_run_words(record))
         h = _HUBS.get(id(s))
         if h is not None and h.retries:
             print(f"[hub] retries: {json.dumps(h.retries)}")
@@ -722,9 +741,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except (BadInput, RunFailure, OSError) as e:
         return failure_exit(e)
-    except HubError as e:
-        print(f"Hub: {e}", file=sys.stderr)
-        return 1
 
 
 if __name__ == "__main__":

@@ -185,6 +185,11 @@ def main(argv: list[str] | None = None) -> int:
         bad = sum(not r["ok"] for r in results)
         print(f"validate_setup: {len(results) - bad}/{len(results)} checks passed (package versions included)"
               + ("" if ok else "; fix the failures above"))
+    if not ok:
+        import status_page
+
+        status_page.emit("failure", phase="validate setup", message="\n".join(
+            f"[FAIL] {r['name']}: {r['finding']} - fix: {r['fix']}" for r in results if not r["ok"]))
     return 0 if ok else 1
 
 

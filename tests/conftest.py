@@ -25,7 +25,7 @@ SETTINGS_VARS = {"INIT", "INST", "USE_QUANT", "BATCH_SIZE", "GRADIENT_ACCUMULATI
                  "MAX_RUNS", "SEED", "CONFIG_FILE", "WORK_DIR", "TIME_BUDGET", "NUM_PROCESSES", "TEXT_COLUMN",
                  "VAL_FRACTION", "WARMUP_RATIO", "GRADIENT_CHECKPOINTING", "DATASET_SPLIT", "TOKENIZER_SAMPLE_MB",
                  "LORA_R", "LORA_ALPHA", "LORA_DROPOUT", "LORA_TARGETS", "PRIVATE", "HUB_RETRIES",
-                 "HUB_RETRY_WAIT", "HUB_TIMEOUT", "SPACE_ID", "HF_ENDPOINT", "HF_HUB_DISABLE_XET"}
+                 "HUB_RETRY_WAIT", "HUB_TIMEOUT", "SPACE_ID", "HF_ENDPOINT", "HF_HUB_DISABLE_XET", "PORT", "KEEP_SERVING"}
 
 
 def head_jsonl(src: Path, dst: Path, n: int) -> Path:
@@ -38,6 +38,14 @@ def head_jsonl(src: Path, dst: Path, n: int) -> Path:
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, str]:
     return make_env(tmp_path)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def make_env(tmp_path: Path) -> dict[str, str]:
@@ -60,6 +68,7 @@ def make_env(tmp_path: Path) -> dict[str, str]:
         "WORK_DIR": str(tmp_path / "work"),
         "PYTHONUNBUFFERED": "1",
         "DS_ACCELERATOR": "cpu",
+        "PORT": str(free_port()),
     })
     return base
 

@@ -51,6 +51,8 @@ CASES = {
     "HUB_RETRIES": ("3", 3, "-1"),
     "HUB_RETRY_WAIT": ("0.5", 0.5, "-1"),
     "HUB_TIMEOUT": ("30", 30.0, "0"),
+    "PORT": ("8080", 8080, "0"),
+    "KEEP_SERVING": ("true", True, "sometimes"),
 }
 
 
@@ -181,5 +183,5 @@ def test_a_space_needs_the_token():
     with pytest.raises(SettingsError) as e:
         load_settings({"SPACE_ID": "alice/trainer"})
     assert any("SPACE_ID" in p and "HF_TOKEN" in p for p in e.value.problems)
-    s = load_settings({"SPACE_ID": "alice/trainer", "HF_TOKEN": "hf_x"})
+    s = load_settings({"SPACE_ID": "alice/trainer", "HF_TOKEN": "hf_x", "OUTPUT_REPO": "alice/llama"})
     assert s.space_id == "alice/trainer" and "hf_x" not in str(s.redacted())
