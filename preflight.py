@@ -34,6 +34,9 @@ class Check:
     finding: str
     fixes: list[str] = field(default_factory=list)
     data: dict[str, Any] = field(default_factory=dict)
+    # A failure of the world (the Hub did not answer), not of the input: exit 1, not 2, when it is
+    # the only kind of failure (retrying later can succeed; changing the input is not the fix).
+    outage: bool = False
 
 
 def check_settings() -> tuple[Settings | None, Check]:
@@ -255,7 +258,7 @@ def run_checks() -> list[Check]:
         except BadInput as e:
             check = Check(section, False, e.problems[0].split(":")[0] + ": cannot be used", e.problems)
         except HubError as e:
-            check = Check(section, False, "the Hub did not answer", [str(e)])
+            check = Check(section, False, "the Hub did not answer", [str(e)], outage=True)
         checks.append(check)
         return check
 
@@ -291,7 +294,9 @@ def main(argv: list[str] | None = None) -> int:
 
         status_page.emit("failure", phase="preflight", message="\n".join(
             f"[FAIL] {c.section}: {c.finding}" + "".join(f"\n  - {fix}" for fix in c.fixes) for c in checks if not c.ok))
-    return 0 if ok else EXIT_BAD_INPUT
+    if ok:
+        return 0
+    return 1 if all(c.outage for c in checks if not c.ok) else EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

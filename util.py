@@ -581,7 +581,7 @@ class Hub:
 
         try:
             me = self.call("whoami", self.api.whoami)
-        except HUB_ERRORS as e:
+        except HubRefused as e:  # a Hub that does not answer is an outage (raised), not a token problem
             return [f"HF_TOKEN: {e}"]
         role = ((me.get("auth") or {}).get("accessToken") or {}).get("role")
         if role == "read":
@@ -594,7 +594,7 @@ class Hub:
             kind = "space" if repo in spaces else "model"
             try:
                 self.call(f"check {repo}", self.api.auth_check, repo, repo_type=kind, write=True)
-            except HUB_ERRORS as e:
+            except HubRefused as e:
                 cause = e.__cause__
                 status = cause.response.status_code if isinstance(cause, HfHubHTTPError) and cause.response is not None else None
                 if status == 404 and kind == "model":

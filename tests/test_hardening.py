@@ -703,3 +703,19 @@ def test_a_publish_over_an_output_that_changed_since_the_run_started_is_refused(
     assert second.returncode == 1, second.stdout + second.stderr
     assert "publish refused" in second.stderr and "another run published there" in second.stderr
     assert (target / "training_state.json").read_bytes() == published
+
+
+def test_preflight_calls_a_hub_that_does_not_answer_an_outage_not_bad_input(tmp_path):
+    hub = HubDouble({TOKEN: {"name": "alice", "role": "write"}}).start()
+    try:
+        _record_repo(hub)
+        hub.fail("GET", r"^/api/models/alice/llama(-it)?(/revision/[^/]+)?$", kind="drop", times=10**6)
+        env = make_env(tmp_path)
+        env.pop("HF_HUB_OFFLINE")
+        env.update({"HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": TOKEN, "OUTPUT_REPO": "alice/llama",
+                    "HUB_RETRY_WAIT": "0.01", "HUB_RETRIES": "1", "HUB_TIMEOUT": "2"})
+        p = run(py("preflight.py"), env, timeout=180)
+        assert p.returncode == 1, p.stdout + p.stderr
+        assert "[FAIL] run state: the Hub did not answer" in p.stdout and "fresh weights" not in p.stdout
+    finally:
+        hub.stop()
