@@ -234,7 +234,12 @@ def tokenize_chats(tok, chats: list[list[dict[str, str]]], max_length: int) -> t
 
     ids_out, labels_out, dropped = [], [], 0
     for msgs in tqdm(chats, desc="[prep] render chats", unit="chat", disable=len(chats) < 500, mininterval=2):
-        enc = tok.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        try:
+            enc = tok.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        except Exception as e:  # noqa: BLE001 - jinja raises many types; a template that fails is bad input
+            raise BadInput([f"the tokenizer's chat template cannot render the chats ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200] if str(e) else ''}). Fix: restore chat_template.jinja (and "
+                            "tokenizer_config.json) of the model this run continues from; they are published with it."]) from None
         ids, mask = enc["input_ids"][:max_length], enc["assistant_masks"][:max_length]
         labels = [t if m else -100 for t, m in zip(ids, mask)]
         if all(l == -100 for l in labels):

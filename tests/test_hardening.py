@@ -719,3 +719,15 @@ def test_preflight_calls_a_hub_that_does_not_answer_an_outage_not_bad_input(tmp_
         assert "[FAIL] run state: the Hub did not answer" in p.stdout and "fresh weights" not in p.stdout
     finally:
         hub.stop()
+
+
+def test_a_chat_template_that_fails_is_bad_input():
+    from transformers import PreTrainedTokenizerFast
+
+    from prep import train_tokenizer, tokenize_chats
+
+    tok = train_tokenizer(["hello there, how are you"] * 50, 300, 64)
+    assert isinstance(tok, PreTrainedTokenizerFast)
+    tok.chat_template = "{% for m in messages %}{{ m['content'] | nosuchfilter }}{% endfor %}"
+    with pytest.raises(BadInput, match="chat template cannot render the chats"):
+        tokenize_chats(tok, [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]], 64)
