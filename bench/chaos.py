@@ -103,14 +103,14 @@ class Chaos:
 
     def seeded(self) -> dict[str, str]:
         """An environment whose output holds one published pretraining shard (made once, copied)."""
-        env = self.env()
-        if self.seed_dir is None:
-            code, out = run({**env, "MAX_RUNS": "1"})
+        if self.seed_dir is None:  # made in an environment of its own, never handed to a case
+            seed = self.env()
+            code, out = run({**seed, "MAX_RUNS": "1"})
             if code != 0:
                 raise RuntimeError(f"seeding failed: {out[-2000:]}")
-            self.seed_dir = Path(env["OUTPUT_REPO"])
-        else:
-            shutil.copytree(self.seed_dir, env["OUTPUT_REPO"])
+            self.seed_dir = Path(seed["OUTPUT_REPO"])
+        env = self.env()
+        shutil.copytree(self.seed_dir, env["OUTPUT_REPO"])
         return env
 
     def stopped(self) -> dict[str, str]:
