@@ -34,7 +34,10 @@ def hub_env(tmp: Path, hub: HubDouble) -> dict[str, str]:
     env = make_env(tmp)
     env.pop("HF_HUB_OFFLINE")
     env.update({"HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": WRITE, "OUTPUT_REPO": "alice/llama",
-                "HUB_RETRY_WAIT": "0.05", "HUB_TIMEOUT": "5"})
+                "HUB_RETRY_WAIT": "0.05", "HUB_TIMEOUT": "5",
+                # These tests play the platform: each start must end (a real Space restarts or pauses
+                # the container itself), so the page does not stay up after the run.
+                "KEEP_SERVING": "false"})
     return env
 
 
