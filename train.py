@@ -478,16 +478,48 @@ def save_final(model, tok, work: Path, precision: str, metrics: dict[str, Any]) 
 
 
 def die_with_parent() -> None:
-    """A rank is killed when its launcher dies (trainer.sh kills the launcher when it is killed
-    itself): no rank trains on, holding the output's lock, after the run it belongs to is gone."""
+    """A rank is killed when its launcher dies, and when its launcher is orphaned: trainer.sh's
+    phase dies with trainer.sh (pdeathsig), but the deepspeed runner's child, the per-node launcher
+    that starts the ranks, does not die with the runner. No rank trains on, holding the output's
+    lock, after the run it belongs to is gone."""
     import ctypes
+    import threading
 
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
     except (OSError, AttributeError):
         return  # not Linux: trainer.sh's own cleanup is all there is
-    if os.getppid() == 1:  # the launcher died before the line above
+    launcher = os.getppid()
+    if launcher == 1:  # the launcher died before the line above
         os._exit(1)
+    above = _parent_of(launcher)
+    if above is None or above <= 1:
+        return
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if _parent_of(launcher) != above:  # the launcher's own parent is gone: so is the run
+                if b"deepspeed.launcher" in _cmdline(launcher):
+                    os.kill(launcher, signal.SIGKILL)  # and this rank with it (pdeathsig)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="die-with-run", daemon=True).start()
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2:].split()[1])  # the field after the state; comm may hold spaces
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def main(argv: list[str] | None = None) -> int:

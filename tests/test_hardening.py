@@ -653,6 +653,32 @@ def test_a_stop_before_the_first_step_publishes_nothing(env, phase):
     assert not Path(env["OUTPUT_REPO"]).exists() and "=== publish" not in out
 
 
+def _alive_in(work: str) -> list[str]:
+    """Processes whose environment names this run's WORK_DIR (they would hold its lock)."""
+    found = []
+    for p in Path("/proc").iterdir():
+        try:
+            if p.name.isdigit() and work.encode() in (p / "environ").read_bytes():
+                found.append((p / "cmdline").read_bytes().replace(b"\0", b" ")[:80].decode(errors="replace"))
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.slow
+def test_a_run_killed_with_sigkill_during_training_leaves_no_process(env):
+    """kill -9 of trainer.sh's group: the deepspeed launcher's per-node child is not in it and does
+    not die with the runner; the ranks see their launcher orphaned and end it and themselves."""
+    proc = _start({**env, "MAX_STEPS": "100000"})
+    _wait_for(proc, "training every weight")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 5
+    while _alive_in(env["WORK_DIR"]) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _alive_in(env["WORK_DIR"])
+
+
 @pytest.mark.slow
 def test_a_second_run_on_the_same_output_stops_and_a_nan_model_is_never_trained_on(env):
     """Two trainer.sh a second apart: the second says who holds the output and exits 1; the first
