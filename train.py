@@ -275,7 +275,7 @@ def fit(s: Settings, work: Path) -> int:
     import torch
     import transformers
 
-    from jit_ops import load_comm_op
+    from jit_ops import load_comm_op, release_comm_buffers
 
     transformers.utils.logging.disable_progress_bar()  # weight loading/saving bars; the trainer keeps its own
 
@@ -290,6 +290,8 @@ def fit(s: Settings, work: Path) -> int:
     try:
         load_comm_op(log)
         trainer, tok, ckpt = build_trainer(s, prepared, work, precision, [budget, make_status_callback()])
+        trainer.accelerator.wait_for_everyone()  # every rank has mapped every rank's comm buffer by now
+        release_comm_buffers()
         world = trainer.args.world_size
         log(f"{plan['stage']} shard {plan['shard']}: {manifest['train_sequences']} train / {manifest['val_sequences']} val "
             f"sequences of <= {s.max_length} tokens; precision {precision}; {world} rank(s) on "

@@ -193,10 +193,16 @@ def test_sigkill_while_the_checkpoint_is_saved_loses_nothing(env):
     assert record(out)["next"] == {"inst": True, "init": 0} and not (out / "last-checkpoint").exists()
 
 
+def _comm_buffers() -> set[Path]:
+    return set(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*"))
+
+
 def test_two_cpu_ranks_train_and_publish_once(env):
     env.update({"NUM_PROCESSES": "2", "MAX_RUNS": "1"})
+    buffers = _comm_buffers()
     p = run(["./trainer.sh"], env, timeout=600)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    assert _comm_buffers() <= buffers  # the ranks' shared-memory buffers (~69 MB of RAM each) are not left behind
     assert p.stdout.count("published:") == 1
     rec = record(env["OUTPUT_REPO"])
     assert len(rec["history"]) == 1 and rec["history"][0]["world_size"] == 2

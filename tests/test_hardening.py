@@ -534,6 +534,39 @@ def test_a_stale_build_lock_is_removed_and_a_live_build_is_waited_for_with_a_lim
         holder.wait()
 
 
+def test_comm_buffers_no_process_maps_are_swept_and_live_or_fresh_ones_kept(monkeypatch, tmp_path):
+    import mmap
+
+    import jit_ops
+
+    monkeypatch.setattr(jit_ops, "SHM", tmp_path)
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_1234_"
+    stale, live, fresh, other = (tmp_path / f"{name}0", tmp_path / f"{name}1", tmp_path / f"{name}2",
+                                 tmp_path / "deepspeed_allreduce_buffer_99999_127.0.0.1_1234_0")
+    for p in (stale, live, fresh, other):
+        p.write_bytes(b"\0" * 4096)
+    old = time.time() - 3600
+    for p in (stale, live, other):
+        os.utime(p, (old, old))
+    with open(live, "r+b") as f, mmap.mmap(f.fileno(), 4096) as held:  # a run still using it
+        assert jit_ops.sweep_comm_buffers(lambda m: None) == 1
+        held[0] = 1
+    assert not stale.exists() and live.exists() and fresh.exists() and other.exists()
+
+
+def test_a_rank_releases_its_comm_buffer_name(monkeypatch, tmp_path):
+    import jit_ops
+
+    monkeypatch.setattr(jit_ops, "SHM", tmp_path)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29555")
+    monkeypatch.setenv("RANK", "1")
+    mine, peer = (tmp_path / f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_29555_{r}" for r in (1, 0))
+    mine.write_bytes(b"x"), peer.write_bytes(b"x")
+    jit_ops.release_comm_buffers()
+    assert not mine.exists() and peer.exists()
+
+
 # --- secrets ------------------------------------------------------------------------------------------------
 
 
