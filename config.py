@@ -272,7 +272,12 @@ class Settings(BaseSettings):
     learning_rate: float = _env("LEARNING_RATE", default=2e-3, gt=0, lt=1, description="Peak learning rate (cosine schedule).")
     weight_decay: float = _env("WEIGHT_DECAY", default=0.1, ge=0, lt=1, description="AdamW weight decay.")
     warmup_ratio: float = _env("WARMUP_RATIO", default=0.05, ge=0, lt=1, description="Share of steps spent warming up.")
-    max_steps: int | None = _env("MAX_STEPS", default=None, ge=1, description="Cap on optimizer steps per run.")
+    max_steps: int | None = _env(
+        "MAX_STEPS", default=None, ge=1,
+        description="Cap on optimizer steps per run. A run that reaches it before the end of its shard stops as a time-budget stop does: its full training state is published as last-checkpoint/ and the next run continues the shard. No data is skipped.")
+    shard_steps: int | None = _env(
+        "SHARD_STEPS", default=None, ge=1,
+        description="Optimizer steps per shard instead of EPOCHS passes over it (a quick try, a fixed budget): fewer steps than the shard holds skip the rest of its data, more repeat it. The history records both counts.")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = _env(
         "PRECISION", default="auto",
         description="auto = bf16 where the hardware has it (Ampere+ GPU, CPU with AMX/AVX512-bf16), else fp16 on GPU, fp32 on CPU.")

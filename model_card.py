@@ -7,6 +7,11 @@ from typing import Any
 from config import is_local_target, local_path
 
 
+def _steps(h: dict[str, Any]) -> str:
+    """The steps a shard trained, and of how many when SHARD_STEPS skipped part of it."""
+    return f"{h.get('steps', '')} of {h['shard_steps']}" if h.get("skipped_steps") else f"{h.get('steps', '')}"
+
+
 def render_card(record: dict[str, Any], target: str) -> str:
     """Markdown with Hub front matter, built only from the run-state record (which holds no secrets)."""
     arch = record["architecture"]
@@ -14,7 +19,7 @@ def render_card(record: dict[str, Any], target: str) -> str:
     chat = last["stage"] == "instruct"
     where = str(local_path(target)) if is_local_target(target) else target
     rows = "\n".join(
-        f"| {h['stage']} | {h['shard'] + 1}/{h['shards_total']} | {h.get('rows', '')} | {h.get('steps', '')} | "
+        f"| {h['stage']} | {h['shard'] + 1}/{h['shards_total']} | {h.get('rows', '')} | {_steps(h)} | "
         f"{h.get('tokens', 0):,} | {h.get('eval_loss_before', float('nan')):.3f} | {h.get('eval_loss', float('nan')):.3f} | "
         f"{h.get('perplexity', float('nan')):.2f} |"
         for h in record["history"])

@@ -120,7 +120,7 @@ def build_trainer(s: Settings, prepared: Path, out: Path, precision: str, callba
         per_device_eval_batch_size=s.batch_size,
         gradient_accumulation_steps=s.gradient_accumulation_steps,
         num_train_epochs=s.epochs,
-        max_steps=s.max_steps or -1,
+        max_steps=s.shard_steps or -1,
         learning_rate=s.learning_rate,
         weight_decay=s.weight_decay,
         lr_scheduler_type="cosine",
@@ -229,21 +229,27 @@ def make_status_callback():
     return StatusFeed()
 
 
-def make_budget_callback(started: float, until: float):
+def make_budget_callback(started: float, until: float, run_steps: int | None = None):
     from transformers import TrainerCallback
 
     class TimeBudget(TrainerCallback):
-        """At the end of each step: past the deadline, or a stop signal received? Then every rank
-        stops at this same step (the decision is all-reduced) and the trainer saves its full state
-        (model or adapters, optimizer, scheduler, RNG states, step) before leaving the loop."""
+        """At the end of each step: a stop signal received, past the deadline, or `run_steps`
+        (MAX_STEPS) taken by this run? Then every rank stops at this same step (the decision is
+        all-reduced) and the trainer saves its full state (model or adapters, optimizer, scheduler,
+        RNG states, step) before leaving the loop. A stop at the shard's last step is no stop: the
+        shard is finished."""
+
+        REASONS = {3.0: "a stop signal", 2.0: "the time budget", 1.0: f"MAX_STEPS={run_steps} (steps per run)"}
 
         def __init__(self) -> None:
             self.stopped: str | None = None
             self.began = False  # the trainer is set up (a resumed checkpoint loaded) and about to step
             self.first_step_s: float | None = None  # from the run's start to the end of its first step
+            self.start_step = 0  # the step this run began at (a resumed run's checkpoint step)
 
         def on_train_begin(self, args, state, control, **kw):
             self.began = True
+            self.start_step = state.global_step
 
         def on_step_begin(self, args, state, control, **kw):
             if self.first_step_s is None:  # no step taken by this run yet: nothing to checkpoint
@@ -254,7 +260,8 @@ def make_budget_callback(started: float, until: float):
 
             if self.first_step_s is None:
                 self.first_step_s = time.time() - started
-            why = 2.0 if STOP["signal"] else (1.0 if time.time() > until else 0.0)
+            why = (3.0 if STOP["signal"] else 2.0 if time.time() > until
+                   else 1.0 if run_steps and state.global_step - self.start_step >= run_steps else 0.0)
             if dist.is_available() and dist.is_initialized():
                 import torch
 
@@ -262,7 +269,7 @@ def make_budget_callback(started: float, until: float):
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                 why = float(flag.item())
             if why and state.global_step < state.max_steps:
-                self.stopped = "a stop signal" if why == 2.0 else "the time budget"
+                self.stopped = self.REASONS[why]
                 control.should_training_stop = True
                 control.should_save = True
             return control
@@ -284,7 +291,7 @@ def fit(s: Settings, work: Path) -> int:
     precision = resolve_precision(s)
     started = run_started()
     until = started + s.time_budget_s()
-    budget = make_budget_callback(started, until)
+    budget = make_budget_callback(started, until, s.max_steps)
     plan = manifest["plan"]
     resume = manifest.get("resume")
     try:
@@ -363,6 +370,7 @@ def fit(s: Settings, work: Path) -> int:
         "trainable_parameters": trainable,
         "first_step_s": budget.first_step_s,
         **({"resumed_from_step": int(resume["step"]), "first_resumed_step_s": budget.first_step_s} if resume else {}),
+        **shard_coverage(trainer, s),
     }
     if trainer.is_world_process_zero():
         status_page.emit("eval", tokens=tokens, loss=after)
@@ -379,6 +387,21 @@ def fit(s: Settings, work: Path) -> int:
         save_final(model, tok, work, precision, metrics)
     trainer.accelerator.wait_for_everyone()
     return 0
+
+
+def shard_coverage(trainer, s: Settings) -> dict[str, int]:
+    """With SHARD_STEPS, how many optimizer steps EPOCHS passes over the shard would have taken (as
+    the trainer counts them) beside the steps trained: the data a shard skipped is never silent."""
+    if not s.shard_steps:
+        return {}
+    batches = len(trainer.get_train_dataloader())
+    ga = trainer.args.gradient_accumulation_steps
+    natural = math.ceil(trainer.args.num_train_epochs * max(batches // ga + int(batches % ga > 0), 1))
+    trained = trainer.state.global_step
+    if trained < natural:
+        log(f"SHARD_STEPS={s.shard_steps}: trained {trained} of the {natural} steps of EPOCHS={s.epochs:g} over this "
+            f"shard; the rest of its data is skipped")
+    return {"shard_steps": natural, **({"skipped_steps": natural - trained} if trained < natural else {})}
 
 
 def train_or_explain(trainer, budget, prepared: Path, resume: dict[str, Any] | None):

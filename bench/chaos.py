@@ -115,7 +115,7 @@ class Chaos:
 
     def stopped(self) -> dict[str, str]:
         """An environment whose output holds a mid-shard checkpoint (shard 1 stopped by SIGTERM)."""
-        env = {**self.seeded(), "MAX_STEPS": "100000", "EPOCHS": "50"}
+        env = {**self.seeded(), "SHARD_STEPS": "100000", "EPOCHS": "50"}
         proc = start(env)
         wait_for(proc, "validation loss before training")
         time.sleep(2)
@@ -318,7 +318,7 @@ PHASES = ["=== preflight", "=== validate setup", "=== prep", "validation loss be
 def signal_cases(ch: Chaos, only: str | None) -> None:
     for sigs in (["TERM", "TERM"], ["TERM", "TERM", "TERM"], ["INT", "TERM"], ["TERM", "INT"]):
         def fn(c: Case, sigs=sigs) -> None:
-            env = {**ch.seeded(), "MAX_STEPS": "100000", "EPOCHS": "50"}
+            env = {**ch.seeded(), "SHARD_STEPS": "100000", "EPOCHS": "50"}
             target = Path(env["OUTPUT_REPO"])
             proc = start(env)
             wait_for(proc, "validation loss before training")
@@ -336,7 +336,7 @@ def signal_cases(ch: Chaos, only: str | None) -> None:
 
     for phase in PHASES:
         def fn(c: Case, phase=phase) -> None:
-            env = {**ch.seeded(), "MAX_STEPS": "100000"} if phase != "=== publish" else ch.seeded()
+            env = {**ch.seeded(), "SHARD_STEPS": "100000"} if phase != "=== publish" else ch.seeded()
             target = Path(env["OUTPUT_REPO"])
             rec_before = record(target)
             proc = start(env)

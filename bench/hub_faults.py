@@ -56,7 +56,7 @@ def env_for(work: Path, endpoint: str) -> dict[str, str]:
     return {**{k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUB_"))},
             "HF_ENDPOINT": endpoint, "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": TOKEN, "HF_HOME": str(work.parent / "hf"),
             "OUTPUT_REPO": REPO, "WORK_DIR": str(work), "INPUT_DATASET": str(data / "pretrain.jsonl"),
-            "SHARD_SIZE": "200", "MAX_LENGTH": "64", "BATCH_SIZE": "8", "MAX_STEPS": "2", "VAL_FRACTION": "0.1",
+            "SHARD_SIZE": "200", "MAX_LENGTH": "64", "BATCH_SIZE": "8", "SHARD_STEPS": "2", "VAL_FRACTION": "0.1",
             "HUB_RETRY_WAIT": "0.2", "HUB_RETRIES": "4", "HUB_TIMEOUT": "2", "DS_ACCELERATOR": "cpu",
             "PYTHONUNBUFFERED": "1"}
 

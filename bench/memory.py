@@ -90,7 +90,7 @@ def measure(case: str, model_dir: str, batch: int, seq: int, steps: int, checkpo
     (prepared / "manifest.json").write_text(json.dumps({
         "architecture": arch, "train_format": "float" if case == "full" else "nf4", "run_id": "bench-memory",
         "plan": {"stage": "pretrain", "shard": 0}, "train_sequences": n_train, "val_sequences": n_val}))
-    s = load_settings({"BATCH_SIZE": str(batch), "MAX_LENGTH": str(seq), "MAX_STEPS": str(steps), "TIME_BUDGET": "10h",
+    s = load_settings({"BATCH_SIZE": str(batch), "MAX_LENGTH": str(seq), "SHARD_STEPS": str(steps), "TIME_BUDGET": "10h",
                        "GRADIENT_CHECKPOINTING": "true" if checkpointing else "false", "WORK_DIR": str(work),
                        "USE_QUANT": "false" if case == "full" else "true", "PRECISION": "bf16"})
     before = rss_kib("VmRSS")

@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             answers.append(round(first_answer(tmp / f"s{i}"), 3))
         (tmp / "t").mkdir()
         env = make_env(tmp / "t")
-        env.update({"MODEL_SIZE": "small", "MAX_LENGTH": "256", "SHARD_SIZE": "400", "MAX_STEPS": str(args.steps),
+        env.update({"MODEL_SIZE": "small", "MAX_LENGTH": "256", "SHARD_SIZE": "400", "SHARD_STEPS": str(args.steps),
                     "EPOCHS": "20", "BATCH_SIZE": "8", "VOCAB_SIZE": "4096"})
         p = subprocess.run([sys.executable, "prep.py"], cwd=ROOT, env=env, capture_output=True, text=True)
         if p.returncode != 0:

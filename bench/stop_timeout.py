@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-stop-") as tmp:
         env = make_env(Path(tmp))
         env.update({"MODEL_SIZE": args.size, "MAX_LENGTH": str(args.max_length), "SHARD_SIZE": "200", "BATCH_SIZE": "1",
-                    "VAL_FRACTION": "0.02", "MAX_STEPS": "100000", "VOCAB_SIZE": "4096"})
+                    "VAL_FRACTION": "0.02", "SHARD_STEPS": "100000", "VOCAB_SIZE": "4096"})
         proc = subprocess.Popen(["./trainer.sh"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)
         marks: dict[str, float] = {}

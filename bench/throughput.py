@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     texts = [json.loads(line)["text"] for line in open(args.corpus) if line.strip()]
     tok = train_tokenizer(texts[:20000], VOCAB, SEQ)
     docs = tokenize_texts(tok, texts)
-    s = load_settings({"BATCH_SIZE": str(BATCH), "MAX_LENGTH": str(SEQ), "MAX_STEPS": str(total_steps),
+    s = load_settings({"BATCH_SIZE": str(BATCH), "MAX_LENGTH": str(SEQ), "SHARD_STEPS": str(total_steps),
                        "GRADIENT_CHECKPOINTING": "false", "TIME_BUDGET": "10h", "WORK_DIR": tempfile.mkdtemp()})
     precision = resolve_precision(s)
     arch = dict(hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,

@@ -37,6 +37,7 @@ CASES = {
     "WEIGHT_DECAY": ("0.01", 0.01, "-0.1"),
     "WARMUP_RATIO": ("0.1", 0.1, "1.5"),
     "MAX_STEPS": ("100", 100, "0"),
+    "SHARD_STEPS": ("30", 30, "0"),
     "PRECISION": ("fp16", "fp16", "bf32"),
     "GRADIENT_CHECKPOINTING": ("true", "true", "sometimes"),
     "NUM_PROCESSES": ("2", 2, "-2"),

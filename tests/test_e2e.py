@@ -40,6 +40,9 @@ def test_runs_to_done_with_state_and_history(done):
     for h in it["history"]:
         assert h["eval_loss"] < h["eval_loss_before"]  # every run learned something on held-out data
         assert h["steps"] == 6 and h["tokens"] > 0
+        # SHARD_STEPS=6 is fewer steps than a pass over a shard: what was skipped is on record and in the log
+        assert h["shard_steps"] > 6 and h["skipped_steps"] == h["shard_steps"] - 6
+        assert f"SHARD_STEPS=6: trained 6 of the {h['shard_steps']} steps" in p.stdout
     assert "=== done ===" in p.stdout and "pipeline is done" in p.stdout
 
 
@@ -134,7 +137,7 @@ def _first_shard(env: dict[str, str]) -> tuple[Path, str, dict]:
 
 def test_sigkill_mid_training_leaves_the_published_state_intact(env):
     out, before, state_before = _first_shard(env)
-    rc = _interrupt({**env, "MAX_STEPS": "100000"}, "SIGKILL")
+    rc = _interrupt({**env, "SHARD_STEPS": "100000"}, "SIGKILL")
     assert rc != 0
     assert tree_digest(out) == before and record(out) == state_before
     assert not Path(env["OUTPUT_REPO"] + "-it").exists()
@@ -147,7 +150,7 @@ def test_sigkill_mid_training_leaves_the_published_state_intact(env):
 def test_sigterm_mid_training_publishes_a_checkpoint_the_next_run_resumes(env):
     out, before, state_before = _first_shard(env)
     model_before = _model_digest(out)
-    long = {k: v for k, v in env.items() if k != "MAX_STEPS"} | {"EPOCHS": "4"}
+    long = {k: v for k, v in env.items() if k != "SHARD_STEPS"} | {"EPOCHS": "4"}
     rc = _interrupt(long, "SIGTERM")
     assert rc == 3
     state = record(out)
@@ -168,12 +171,30 @@ def test_sigterm_mid_training_publishes_a_checkpoint_the_next_run_resumes(env):
     assert not (out / "last-checkpoint").exists()
 
 
+def test_max_steps_caps_a_run_and_the_next_run_continues_the_shard(env):
+    """MAX_STEPS ends a run, never a shard: the run stops as a budget stop does, and the next run
+    trains the rest of the shard; nothing is skipped."""
+    env = {k: v for k, v in env.items() if k != "SHARD_STEPS"} | {"MAX_STEPS": "3", "MAX_RUNS": "1"}
+    p = run(["./trainer.sh"], env, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    state = record(env["OUTPUT_REPO"])
+    assert state["history"] == [] and state["next"] == {"inst": False, "init": 0}
+    resume = state["resume"]
+    assert resume["step"] == 3 < resume["max_steps"] and resume["stop_reason"].startswith("MAX_STEPS=3")
+    p = run(["./trainer.sh"], {k: v for k, v in env.items() if k != "MAX_STEPS"}, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    state = record(env["OUTPUT_REPO"])
+    last = state["history"][-1]
+    assert (last["stage"], last["shard"]) == ("pretrain", 0) and "resume" not in state
+    assert last["steps"] == resume["max_steps"] and last["resumed_from_step"] == 3 and "skipped_steps" not in last
+
+
 def test_sigkill_while_the_checkpoint_is_saved_loses_nothing(env):
     """SIGTERM, then SIGKILL to every process the moment the trainer says it is saving: whatever
     was published stays loadable and the next run finishes the shard."""
     out, _, state_before = _first_shard(env)
     model_before = _model_digest(out)
-    long = {k: v for k, v in env.items() if k != "MAX_STEPS"} | {"EPOCHS": "4"}
+    long = {k: v for k, v in env.items() if k != "SHARD_STEPS"} | {"EPOCHS": "4"}
     proc = _start(long)
     try:
         _wait_for(proc, "validation loss before training")

@@ -651,7 +651,7 @@ def test_a_second_sigterm_does_not_cut_the_checkpoint_and_a_damaged_one_is_caugh
     """SIGTERM, then SIGTERM again 0.3 s later (docker stop and an impatient user): the second is
     absorbed, the checkpoint is published, exit 3. Then the published checkpoint is damaged: the
     next run stops in seconds with exit 2, naming the part and the fix."""
-    long = {**env, "MAX_STEPS": "100000", "EPOCHS": "50"}
+    long = {**env, "SHARD_STEPS": "100000", "EPOCHS": "50"}
     proc = _start(long)
     _wait_for(proc, "validation loss before training")
     time.sleep(2)
@@ -677,7 +677,7 @@ def test_a_second_sigterm_does_not_cut_the_checkpoint_and_a_damaged_one_is_caugh
 @pytest.mark.slow
 @pytest.mark.parametrize("phase", ["=== prep", "=== train"])
 def test_a_stop_before_the_first_step_publishes_nothing(env, phase):
-    proc = _start({**env, "MAX_STEPS": "100000"})
+    proc = _start({**env, "SHARD_STEPS": "100000"})
     _wait_for(proc, phase)
     proc.send_signal(signal.SIGTERM)
     rc, out = _finish(proc)
@@ -702,7 +702,7 @@ def _alive_in(work: str) -> list[str]:
 def test_a_run_killed_with_sigkill_during_training_leaves_no_process(env):
     """kill -9 of trainer.sh's group: the deepspeed launcher's per-node child is not in it and does
     not die with the runner; the ranks see their launcher orphaned and end it and themselves."""
-    proc = _start({**env, "MAX_STEPS": "100000"})
+    proc = _start({**env, "SHARD_STEPS": "100000"})
     _wait_for(proc, "training every weight")
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()

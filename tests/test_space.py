@@ -212,7 +212,7 @@ def _browse(url: str, screenshot: Path | None = None) -> str:
 @pytest.mark.slow
 def test_the_page_in_a_browser_during_training_and_after_the_run(tmp_path):
     env = make_env(tmp_path)
-    env.update({"MAX_STEPS": "60", "EPOCHS": "3", "MAX_RUNS": "1", "KEEP_SERVING": "true"})
+    env.update({"SHARD_STEPS": "60", "EPOCHS": "3", "MAX_RUNS": "1", "KEEP_SERVING": "true"})
     url = f"http://127.0.0.1:{env['PORT']}/"
     proc = start_trainer(env)
     try:
