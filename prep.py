@@ -26,7 +26,7 @@ from typing import Any, Iterable
 
 import redact
 import status_page
-from config import (BadInput, failure_exit, RunFailure, Settings, architecture, count_parameters, is_local_target, load_settings, local_path,
+from config import (BadInput, failure_exit, quiet_disk_full_in_threads, RunFailure, Settings, architecture, count_parameters, is_local_target, load_settings, local_path,
                     report, resolve_precision)
 from quant_utils import convert, non_finite_tensors, verify_checkpoint
 from output_lock import acquire
@@ -480,6 +480,7 @@ def prepare(s: Settings, plan: RunPlan) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     redact.install()
+    quiet_disk_full_in_threads()
     import datasets
     import transformers
 
@@ -498,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         status_page.emit("history", history=(published or {}).get("history", []))
         prepare(s, plan)
         return 0
-    except (BadInput, RunFailure, OSError) as e:
+    except Exception as e:  # noqa: BLE001 - failure_exit re-raises what is not bad input, a RunFailure or a full disk
         return failure_exit(e)
 
 

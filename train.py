@@ -25,7 +25,7 @@ from typing import Any
 
 import redact
 import status_page
-from config import EXIT_BAD_INPUT, BadInput, failure_exit, RunFailure, Settings, deepspeed_config, load_settings, report, resolve_precision
+from config import EXIT_BAD_INPUT, BadInput, failure_exit, quiet_disk_full_in_threads, RunFailure, Settings, deepspeed_config, load_settings, report, resolve_precision
 
 DATA_ORDER = "data_order.json"
 # Exit code of a run stopped (signal) before its first optimizer step: nothing to publish, the
@@ -549,6 +549,7 @@ def _cmdline(pid: int) -> bytes:
 
 def main(argv: list[str] | None = None) -> int:
     redact.install()
+    quiet_disk_full_in_threads()
     for sig in (signal.SIGTERM, signal.SIGINT):  # first thing: a stop during start-up is a clean stop too
         signal.signal(sig, _on_signal)
     die_with_parent()
@@ -565,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work / stale)
     try:
         return fit(s, work)
-    except (BadInput, RunFailure, OSError) as e:
+    except Exception as e:  # noqa: BLE001 - failure_exit re-raises what is not bad input, a RunFailure or a full disk
         return failure_exit(e)
 
 

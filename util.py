@@ -26,7 +26,7 @@ from typing import Any
 
 import redact
 import status_page
-from config import BadInput, Settings, is_local_target, load_settings, local_path, report, failure_exit, RunFailure
+from config import BadInput, Settings, is_local_target, load_settings, local_path, report, failure_exit, quiet_disk_full_in_threads, RunFailure
 from run_state import RECORD_FORMAT, STATE_FILE, validate_record
 
 EXIT_DONE = 3
@@ -714,6 +714,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("command", choices=["plan", "publish", "pause"])
     args = ap.parse_args(argv)
     redact.install()
+    quiet_disk_full_in_threads()
     try:
         s = load_settings()
         if args.command == "plan":
@@ -740,7 +741,7 @@ def main(argv: list[str] | None = None) -> int:
         if s.space_id:
             print(hub(s).space_after_publish(record))
         return 0
-    except (BadInput, RunFailure, OSError) as e:
+    except Exception as e:  # noqa: BLE001 - failure_exit re-raises what is not bad input, a RunFailure or a full disk
         return failure_exit(e)
 
 

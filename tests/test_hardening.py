@@ -567,6 +567,61 @@ def test_a_rank_releases_its_comm_buffer_name(monkeypatch, tmp_path):
     assert not mine.exists() and peer.exists()
 
 
+def _caused(outer: Exception, inner: Exception) -> Exception:
+    outer.__cause__ = inner
+    return outer
+
+
+DISK_FULL = {
+    "ENOSPC": (OSError(28, "No space left on device", "/w/f"), "writing /w/f"),
+    "EDQUOT": (OSError(122, "Disk quota exceeded", "/w/q"), "writing /w/q"),
+    "a copy's shutil.Error": (__import__("shutil").Error(
+        [("/w/a", "/o/a.tmp/b", "[Errno 28] No space left on device: '/w/a' -> '/o/a.tmp/b'")]), "writing /o/a.tmp/b"),
+    "a library error caused by it": (_caused(RuntimeError("could not save"), OSError(28, "No space left on device", "/w/c")),
+                                     "writing /w/c"),
+    "safetensors' message": (RuntimeError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                                          'message: "No space left on device" })'), "writing a file"),
+}
+
+
+@pytest.mark.parametrize("error,where", DISK_FULL.values(), ids=DISK_FULL.keys())
+def test_a_full_disk_is_recognised_however_it_is_raised(error, where, capsys):
+    from config import disk_full, failure_exit
+
+    assert where in disk_full(error)
+    assert failure_exit(error) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("Disk full:") and "Fix: free space" in err and "Traceback" not in err
+
+
+def test_a_full_disk_in_a_background_thread_is_one_line_not_a_traceback(monkeypatch, capsys):
+    import threading
+
+    from config import quiet_disk_full_in_threads
+
+    passed_on = []
+    monkeypatch.setattr(threading, "excepthook", passed_on.append)  # the hook before ours; restored after the test
+
+    def fail(error):
+        raise error
+
+    quiet_disk_full_in_threads()
+    for error in (OSError(28, "No space left on device", "/w/runs/events"), ValueError("a bug")):
+        t = threading.Thread(target=fail, args=(error,), name="writer")
+        t.start()
+        t.join()
+    err = capsys.readouterr().err
+    assert "Disk full in the background (writer): No space left on device writing /w/runs/events" in err
+    assert "Traceback" not in err
+    assert [str(a.exc_value) for a in passed_on] == ["a bug"]  # any other failure keeps its usual report
+
+
+def test_other_errors_are_not_a_full_disk():
+    from config import disk_full
+
+    assert disk_full(OSError(13, "Permission denied", "/x")) is None and disk_full(ValueError("28 files")) is None
+
+
 # --- secrets ------------------------------------------------------------------------------------------------
 
 
