@@ -54,7 +54,11 @@ LOGS: list[Path] = []  # where each run's output is kept (--logs)
 
 
 def run(env: dict[str, str], cmd: list[str] | None = None, timeout: float = 300) -> tuple[int, str]:
-    code, out = finish(start(env, cmd), timeout)
+    return logged(*finish(start(env, cmd), timeout))
+
+
+def logged(code: int, out: str) -> tuple[int, str]:
+    """A run's exit code and output, also written to the --logs directory when there is one."""
     if LOGS:
         log = LOGS[0] / f"{len(list(LOGS[0].iterdir())):03d}.log"
         log.write_text(f"exit {code}\n{out}")
@@ -120,7 +124,7 @@ class Chaos:
         wait_for(proc, "validation loss before training")
         time.sleep(2)
         proc.send_signal(signal.SIGTERM)
-        code, out = finish(proc)
+        code, out = logged(*finish(proc))
         if code != 3:
             raise RuntimeError(f"could not make a checkpoint: {out[-2000:]}")
         return env
@@ -133,7 +137,7 @@ class Chaos:
         try:
             fn(c)
         except Exception as e:  # noqa: BLE001 - a case that breaks the harness did not hold
-            c.problems.append(f"{type(e).__name__}: {str(e)[:300]}")
+            c.problems.append(f"{type(e).__name__}: {str(e)[-1500:]}")
         c.info["seconds"] = round(time.perf_counter() - t, 1)
         self.results.append(c)
         print(f"[chaos] {'held' if not c.problems else 'FAILED'}: {name} {c.info} {'; '.join(c.problems)}",
@@ -326,7 +330,7 @@ def signal_cases(ch: Chaos, only: str | None) -> None:
             for sig in sigs:
                 proc.send_signal(getattr(signal, f"SIG{sig}"))
                 time.sleep(0.3)
-            code, out = finish(proc)
+            code, out = logged(*finish(proc))
             c.info["exit"] = code
             c.check(code == 3, f"exit {code}: {out[-800:]}")
             rec = record(target)
@@ -343,7 +347,7 @@ def signal_cases(ch: Chaos, only: str | None) -> None:
             wait_for(proc, phase)
             t = time.perf_counter()
             proc.send_signal(signal.SIGTERM)
-            code, out = finish(proc)
+            code, out = logged(*finish(proc))
             c.info.update({"exit": code, "signal_to_exit_s": round(time.perf_counter() - t, 2)})
             c.check(code == 3, f"exit {code}: {out[-800:]}")
             rec = record(target)
@@ -391,7 +395,7 @@ def disk_cases(ch: Chaos, only: str | None) -> None:
             keep = ch.tmp / f"keep{ch.n}"
             shutil.move(str(mnt), keep)
         mnt.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], check=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(mnt)], check=True)
         try:
             if which == "OUTPUT_REPO":
                 for p in keep.iterdir():
@@ -401,7 +405,7 @@ def disk_cases(ch: Chaos, only: str | None) -> None:
             wait_for(proc, when)
             filler = mnt / "filler"
             subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=1M", "count=1000"], capture_output=True)
-            code, out = finish(proc)
+            code, out = logged(*finish(proc))
             c.info["exit"] = code
             c.check(code not in (0, 2) and "Disk full" in out, f"exit {code}: {out[-800:]}")
             c.check("Traceback" not in out, "a traceback")
