@@ -314,6 +314,9 @@ class Settings(BaseSettings):
     max_steps: int | None = _env(
         "MAX_STEPS", default=None, ge=1,
         description="Cap on optimizer steps per run. A run that reaches it before the end of its shard stops as a time-budget stop does: its full training state is published as last-checkpoint/ and the next run continues the shard. No data is skipped.")
+    save_interval: float | None = _env(
+        "SAVE_INTERVAL", default=None, ge=0, le=10080,
+        description="Minutes of training between periodic checkpoints: the full training state is saved and published as last-checkpoint/ (in the background) while training goes on, so a run killed without warning (kill -9, out of memory, a restart) loses at most this much. Unset: chosen from the checkpoint's size so saving takes at most 5 % of training time, and at least 10 min. 0 = off.")
     shard_steps: int | None = _env(
         "SHARD_STEPS", default=None, ge=1,
         description="Optimizer steps per shard instead of EPOCHS passes over it (a quick try, a fixed budget): fewer steps than the shard holds skip the rest of its data, more repeat it. The history records both counts.")

@@ -194,7 +194,8 @@ def disk_needed(s: Settings, plan: RunPlan, rows: int | None) -> dict[str, int]:
     """Bytes this run writes: the datasets cache (a local file is converted to Arrow once), the
     prepared shard (token ids as int32 plus labels, ~2 tokens per 4 bytes of text), the models (the
     prepared copy, the trained one, the published one and the previous publish kept until the new
-    one is in place) and the full-state checkpoint (weights, fp32 master, AdamW moments)."""
+    one is in place) and the full-state checkpoint (weights, fp32 master, AdamW moments): two of them
+    with periodic checkpoints (the next is written before the last is removed)."""
     from config import count_parameters
 
     n = count_parameters(architecture(s))
@@ -206,7 +207,7 @@ def disk_needed(s: Settings, plan: RunPlan, rows: int | None) -> dict[str, int]:
     trainable = int(n * 0.05) if nf4 else n
     return {"dataset_cache": int(raw * 1.5), "prepared_data": int(shard * 2.5),
             "models": (4 * n if plan.source is None else model) + 3 * model,
-            "checkpoint": (int(n * 0.6) if nf4 else model) + 12 * trainable}
+            "checkpoint": ((int(n * 0.6) if nf4 else model) + 12 * trainable) * (1 if s.save_interval == 0 else 2)}
 
 
 def check_disk(s: Settings, plan: RunPlan, rows: int | None = None) -> Check:

@@ -135,7 +135,8 @@ def build_trainer(s: Settings, prepared: Path, out: Path, precision: str, callba
         data_seed=s.seed,
         logging_steps=max(1, min(50, len(train_ds) // (s.batch_size * 20) or 1)),
         report_to=["tensorboard"],
-        save_strategy="no",
+        save_strategy="no",  # saves are decided by TimeBudget: a stop, or a periodic checkpoint
+        save_total_limit=1,  # older checkpoints go (a periodic one being published is a hard-linked snapshot)
         eval_strategy="no",
         include_num_input_tokens_seen="non_padding",
         dataset_kwargs={"skip_prepare_dataset": True},
@@ -229,7 +230,7 @@ def make_status_callback():
     return StatusFeed()
 
 
-def make_budget_callback(started: float, until: float, run_steps: int | None = None):
+def make_budget_callback(started: float, until: float, run_steps: int | None = None, periodic=None):
     from transformers import TrainerCallback
 
     class TimeBudget(TrainerCallback):
@@ -237,7 +238,8 @@ def make_budget_callback(started: float, until: float, run_steps: int | None = N
         (MAX_STEPS) taken by this run? Then every rank stops at this same step (the decision is
         all-reduced) and the trainer saves its full state (model or adapters, optimizer, scheduler,
         RNG states, step) before leaving the loop. A stop at the shard's last step is no stop: the
-        shard is finished."""
+        shard is finished. Otherwise, is a periodic checkpoint due (`periodic`, SAVE_INTERVAL)? Then
+        every rank saves at this step and training goes on."""
 
         REASONS = {3.0: "a stop signal", 2.0: "the time budget", 1.0: f"MAX_STEPS={run_steps} (steps per run)"}
 
@@ -246,10 +248,13 @@ def make_budget_callback(started: float, until: float, run_steps: int | None = N
             self.began = False  # the trainer is set up (a resumed checkpoint loaded) and about to step
             self.first_step_s: float | None = None  # from the run's start to the end of its first step
             self.start_step = 0  # the step this run began at (a resumed run's checkpoint step)
+            self.periodic = periodic  # a PeriodicCheckpoint, or None (SAVE_INTERVAL=0)
 
         def on_train_begin(self, args, state, control, **kw):
             self.began = True
             self.start_step = state.global_step
+            if self.periodic is not None:
+                self.periodic.begin()
 
         def on_step_begin(self, args, state, control, **kw):
             if self.first_step_s is None:  # no step taken by this run yet: nothing to checkpoint
@@ -262,19 +267,137 @@ def make_budget_callback(started: float, until: float, run_steps: int | None = N
                 self.first_step_s = time.time() - started
             why = (3.0 if STOP["signal"] else 2.0 if time.time() > until
                    else 1.0 if run_steps and state.global_step - self.start_step >= run_steps else 0.0)
+            due = self.periodic is not None and self.periodic.due()
             if dist.is_available() and dist.is_initialized():
                 import torch
 
-                flag = torch.tensor([why])
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                why = float(flag.item())
-            if why and state.global_step < state.max_steps:
+                flags = torch.tensor([why, 0.0 if due else 1.0])  # due only when every rank says so
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                why, due = float(flags[0].item()), flags[1].item() == 0.0
+            if state.global_step >= state.max_steps:
+                return control  # the shard is finished: no stop, no periodic save
+            if why:
                 self.stopped = self.REASONS[why]
                 control.should_training_stop = True
                 control.should_save = True
+            elif due:
+                self.periodic.saving(state.global_step)
+                control.should_save = True
             return control
 
+        def on_save(self, args, state, control, **kw):
+            if self.periodic is not None and not self.stopped:
+                self.periodic.saved(Path(args.output_dir) / f"checkpoint-{state.global_step}", state)
+
     return TimeBudget()
+
+
+class PeriodicCheckpoint:
+    """SAVE_INTERVAL: every so many minutes of training every rank saves the full training state, as
+    a budget stop does, and training goes on while rank 0 publishes it as last-checkpoint/ in a
+    background thread (a hard-linked snapshot: the trainer may rotate its own copy away). A save is
+    due only when the previous upload is done, so at most one is in flight and none is skipped for
+    long; a failed upload is logged and the next checkpoint tries again (each publish is atomic: a
+    local swap or one Hub commit). Unset, the interval is 20x the checkpoint's save time (saving is
+    at most 5 % of training), at least 10 minutes, re-measured at each save."""
+
+    MIN_AUTO_S = 600.0
+    SHARE = 0.05  # of training time spent saving, at most, when the interval is automatic
+
+    def __init__(self, s: Settings, work: Path, target: str, checkpoint_bytes: int, metrics, rank0: bool) -> None:
+        self.s, self.work, self.target, self.metrics, self.rank0 = s, work, target, metrics, rank0
+        self.auto = s.save_interval is None
+        # Local disks write a few hundred MB/s; 200 MB/s keeps the first estimate on the safe side.
+        self.estimated_save_s = 1.0 + checkpoint_bytes / 200e6
+        self.interval_s = (max(self.MIN_AUTO_S, self.estimated_save_s / self.SHARE) if self.auto
+                           else s.save_interval * 60)
+        self.mark = time.time()
+        self.save_began: float | None = None
+        self.upload = None  # the background publish under way
+        self.published: list[dict[str, Any]] = []  # {step, save_s, upload_s} per published checkpoint
+        self.conflict: Exception | None = None
+        if rank0:
+            from output_lock import acquire
+
+            self.locks = acquire(s)  # train.py run alone publishes too: it holds the output (a no-op under trainer.sh)
+
+    def describe(self) -> str:
+        how = (f"automatic: the checkpoint saves in ~{self.estimated_save_s:.0f} s, saving stays under "
+               f"{self.SHARE:.0%} of training" if self.auto else "SAVE_INTERVAL")
+        return f"a periodic checkpoint every {self.interval_s / 60:.1f} min of training ({how})"
+
+    def begin(self) -> None:
+        self.mark = time.time()
+
+    def due(self) -> bool:
+        busy = self.upload is not None and self.upload.is_alive()
+        return self.conflict is None and not busy and time.time() - self.mark >= self.interval_s
+
+    def saving(self, step: int) -> None:
+        self.save_began = time.time()
+        log(f"saving a periodic checkpoint at step {step} (training goes on)")
+
+    def saved(self, checkpoint: Path, state) -> None:
+        import threading
+
+        save_s = time.time() - (self.save_began or time.time())
+        self.mark = time.time()
+        if self.auto and save_s / self.SHARE > self.interval_s:
+            self.interval_s = save_s / self.SHARE
+            log(f"the save took {save_s:.1f} s: periodic checkpoints now every {self.interval_s / 60:.1f} min")
+        if not self.rank0:
+            return
+        snapshot = self.work / "periodic" / checkpoint.name
+        if snapshot.exists():
+            shutil.rmtree(snapshot)
+        shutil.copytree(checkpoint, snapshot, copy_function=_link_or_copy)
+        metrics = self.metrics(state)
+        self.upload = threading.Thread(target=self._publish, args=(snapshot, metrics, save_s),
+                                       name="publish-checkpoint", daemon=True)
+        self.upload.start()
+
+    def _publish(self, snapshot: Path, metrics: dict[str, Any], save_s: float) -> None:
+        from quant_utils import non_finite_tensors
+        from util import PublishConflict, publish_periodic, where_published
+
+        t = time.time()
+        step = metrics["step"]
+        try:
+            bad = non_finite_tensors(snapshot)
+            if bad:
+                log(f"periodic checkpoint at step {step} not published: it holds non-finite values ({bad[0]}); "
+                    "the published checkpoint stays the previous one")
+                return
+            record = publish_periodic(self.s, self.work, snapshot, metrics)
+            upload_s = time.time() - t
+            self.published.append({"step": step, "save_s": round(save_s, 2), "upload_s": round(upload_s, 2)})
+            where = where_published(self.target)
+            log(f"periodic checkpoint at step {step} published to {where}/last-checkpoint (saved in {save_s:.1f} s, "
+                f"published in {upload_s:.1f} s in the background); a run killed from now on resumes there")
+            status_page.emit("publish", where=f"{where}/last-checkpoint", url=None,
+                             summary=f"checkpoint at step {step} of shard {record['resume']['shard']}",
+                             history=record.get("history", []), next_run=f"resume at step {step}")
+        except PublishConflict as e:
+            self.conflict = e
+            log(f"periodic checkpoint at step {step} not published and no more will be: {e}")
+        except Exception as e:  # noqa: BLE001 - the training goes on; the next checkpoint tries again
+            log(f"periodic checkpoint at step {step} not published ({type(e).__name__}: {str(e)[:300]}); "
+                "training goes on and the next checkpoint tries again")
+        finally:
+            shutil.rmtree(snapshot, ignore_errors=True)
+
+    def wait(self) -> None:
+        """The upload under way finished (before the run writes its own result or stops)."""
+        if self.upload is not None and self.upload.is_alive():
+            log("waiting for the periodic checkpoint's publish under way to finish")
+            self.upload.join()
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def fit(s: Settings, work: Path) -> int:
@@ -323,6 +446,19 @@ def fit(s: Settings, work: Path) -> int:
         if trainer.is_world_process_zero():
             status_page.emit("eval", tokens=int(resume.get("tokens", 0)) if resume else 0, loss=before)
         t0 = time.perf_counter()
+        if s.save_interval != 0:
+            def partial(state, reason: str = "a periodic checkpoint") -> dict[str, Any]:
+                return {"run_id": manifest["run_id"], "partial": True, "data_fingerprint": manifest["data_fingerprint"],
+                        "stop_reason": reason, "step": state.global_step, "max_steps": state.max_steps,
+                        "eval_loss_before": before,
+                        "samples_seen": state.global_step * s.batch_size * s.gradient_accumulation_steps * world,
+                        "tokens": int(state.num_input_tokens_seen), "train_runtime_s": time.perf_counter() - t0,
+                        "first_step_s": budget.first_step_s}
+
+            weights = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
+            budget.periodic = PeriodicCheckpoint(s, work, plan["target"], weights + 12 * trainable, partial,
+                                                 trainer.is_world_process_zero())
+            log(budget.periodic.describe())
         result = train_or_explain(trainer, budget, prepared, resume)
     except StopRequested as e:
         log(f"stopped by {e} before the first training step: nothing to save; the published output and the state are "
@@ -338,6 +474,8 @@ def fit(s: Settings, work: Path) -> int:
             # there, trains nothing more, evaluates and publishes the model.
             budget.stopped = "a stop signal"
             trainer._save_checkpoint(trainer.model_wrapped, trial=None)
+    if budget.periodic is not None:
+        budget.periodic.wait()  # this run's next publish builds on the last periodic one
     if budget.stopped:
         step = trainer.state.global_step
         log(f"stopped by {budget.stopped} at step {step} of {trainer.state.max_steps}: saving the full training state "
@@ -476,7 +614,8 @@ def save_checkpoint(trainer, work: Path, metrics: dict[str, Any]) -> None:
     src = get_last_checkpoint(str(work / "trainer"))
     if src is None:
         raise RuntimeError(f"the trainer saved no checkpoint under {work / 'trainer'}")
-    _write_final(work, lambda staged: shutil.copytree(src, staged / "last-checkpoint"), metrics)
+    _write_final(work, lambda staged: shutil.copytree(src, staged / "last-checkpoint", copy_function=_link_or_copy),
+                 metrics)
 
 
 def save_final(model, tok, work: Path, precision: str, metrics: dict[str, Any]) -> None:
@@ -561,7 +700,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (work / "prepared" / "manifest.json").exists():
         print(f"{work / 'prepared'}: no prepared data. Fix: run prep.py first (trainer.sh does).", file=sys.stderr)
         return EXIT_BAD_INPUT
-    for stale in ("final", "runs", "trainer"):
+    for stale in ("final", "runs", "trainer", "periodic"):
         if int(os.environ.get("RANK", "0")) == 0 and (work / stale).exists():
             shutil.rmtree(work / stale)
     try:

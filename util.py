@@ -30,6 +30,7 @@ from config import BadInput, Settings, is_local_target, load_settings, local_pat
 from run_state import RECORD_FORMAT, STATE_FILE, validate_record
 
 EXIT_DONE = 3
+PUBLISHED_BY_RUN = "published-by-this-run.json"  # in WORK_DIR: this run's last periodic checkpoint publish
 
 
 @dataclass(frozen=True)
@@ -263,18 +264,9 @@ def publish(s: Settings, work: Path) -> tuple[dict[str, Any], RunPlan]:
         raise RuntimeError(f"{final} was not trained from the prepared data of this run "
                            f"(run {metrics.get('run_id')} vs {manifest['run_id']}): run train.py again.")
     refuse_non_finite(final, metrics)
-    current = read_published(plan.target, s)
-    if current.publish_id != plan.base:
-        raise PublishConflict(f"{plan.target} changed while this run trained: it held "
-                              f"{'no record' if not plan.base else 'publish ' + plan.base} when the run started and holds "
-                              f"{'no record' if not current.publish_id else 'publish ' + current.publish_id} now (another run "
-                              "published there). Nothing was published and the state is not advanced. Fix: run again: "
-                              "the next run continues from what is published now.")
-    previous = current.record
-    if plan.stage == "instruct" and previous is None:
-        previous = read_record(s.output_repo, s)  # the instruct record continues the pretraining history
+    current, previous = _unchanged_since(s, work, plan)
     if metrics.get("partial"):
-        return publish_checkpoint(s, plan, work, metrics, previous, current.revision), plan
+        return publish_checkpoint(s, plan, work, final / "last-checkpoint", metrics, previous, current.revision), plan
     record = build_record(s, plan, manifest, metrics, previous)
     record["publish_id"] = f"{manifest['run_id']}-{uuid.uuid4().hex[:12]}"
     last = record["history"][-1]
@@ -287,6 +279,42 @@ def publish(s: Settings, work: Path) -> tuple[dict[str, Any], RunPlan]:
     _deliver(s, plan.target, work, fill, f"{last['stage']} shard {last['shard']}: validation loss "
              f"{last.get('eval_loss', float('nan')):.4f}", record["publish_id"], current.revision)
     return record, plan
+
+
+def _unchanged_since(s: Settings, work: Path, plan: RunPlan) -> tuple[Published, dict[str, Any] | None]:
+    """What is published at the plan's target, checked to be what this run last saw there (the
+    plan's base, or this run's own last periodic checkpoint); and the record to continue."""
+    base = plan.base
+    mine = work / PUBLISHED_BY_RUN
+    if mine.exists():
+        own = json.loads(mine.read_text())
+        if own.get("run_id") == json.loads((work / "prepared" / "manifest.json").read_text())["run_id"]:
+            base = own["publish_id"]
+    current = read_published(plan.target, s)
+    if current.publish_id != base:
+        raise PublishConflict(f"{plan.target} changed while this run trained: it held "
+                              f"{'no record' if not base else 'publish ' + base} when this run last looked and holds "
+                              f"{'no record' if not current.publish_id else 'publish ' + current.publish_id} now (another run "
+                              "published there). Nothing was published and the state is not advanced. Fix: run again: "
+                              "the next run continues from what is published now.")
+    previous = current.record
+    if plan.stage == "instruct" and previous is None:
+        previous = read_record(s.output_repo, s)  # the instruct record continues the pretraining history
+    return current, previous
+
+
+def publish_periodic(s: Settings, work: Path, checkpoint: Path, metrics: dict[str, Any]) -> dict[str, Any]:
+    """A periodic checkpoint (SAVE_INTERVAL) published as last-checkpoint/ while the run trains on:
+    the same checks and layout as a stopped run's, and the run remembers what it published so that
+    its next publish builds on it."""
+    manifest = json.loads((work / "prepared" / "manifest.json").read_text())
+    plan = RunPlan(**manifest["plan"])
+    current, previous = _unchanged_since(s, work, plan)
+    record = publish_checkpoint(s, plan, work, checkpoint, metrics, previous, current.revision, interrupted=False)
+    staged = work / f"{PUBLISHED_BY_RUN}.tmp"
+    staged.write_text(json.dumps({"run_id": manifest["run_id"], "publish_id": record["publish_id"], "step": metrics["step"]}))
+    staged.replace(work / PUBLISHED_BY_RUN)
+    return record
 
 
 def refuse_non_finite(final: Path, metrics: dict[str, Any]) -> None:
@@ -309,11 +337,11 @@ def refuse_non_finite(final: Path, metrics: dict[str, Any]) -> None:
                         "are unchanged. Fix: a lower LEARNING_RATE, more WARMUP_RATIO, or PRECISION=bf16/fp32.")
 
 
-def publish_checkpoint(s: Settings, plan: RunPlan, work: Path, metrics: dict[str, Any],
-                       previous: dict[str, Any] | None, revision: str | None) -> dict[str, Any]:
-    """A shard stopped mid-way: publish its full-state checkpoint as last-checkpoint/ with a record
-    that says where to resume, and nothing else. The published model stays the last finished one and
-    the state does not advance."""
+def publish_checkpoint(s: Settings, plan: RunPlan, work: Path, checkpoint: Path, metrics: dict[str, Any],
+                       previous: dict[str, Any] | None, revision: str | None, interrupted: bool = True) -> dict[str, Any]:
+    """A shard stopped mid-way (or saved periodically, not `interrupted`): publish its full-state
+    checkpoint as last-checkpoint/ with a record that says where to resume, and nothing else. The
+    published model stays the last finished one and the state does not advance."""
     record = dict(previous or {"format": RECORD_FORMAT, "history": [], "steps": 0, "tokens": 0,
                               "next": {"inst": plan.inst, "init": plan.shard}, "done": False})
     if record.get("next") is None or (record["next"]["inst"], record["next"]["init"]) != (plan.inst, plan.shard):
@@ -325,14 +353,15 @@ def publish_checkpoint(s: Settings, plan: RunPlan, work: Path, metrics: dict[str
         "stage": plan.stage, "shard": plan.shard, "step": metrics["step"], "max_steps": metrics["max_steps"],
         "samples_seen": metrics["samples_seen"], "tokens": metrics["tokens"], "stop_reason": metrics["stop_reason"],
         "eval_loss_before": earlier.get("eval_loss_before") if same else metrics["eval_loss_before"],
-        "data_fingerprint": metrics["data_fingerprint"], "interruptions": (earlier.get("interruptions", 0) if same else 0) + 1,
+        "data_fingerprint": metrics["data_fingerprint"],
+        "interruptions": (earlier.get("interruptions", 0) if same else 0) + int(interrupted),
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     record["publish_id"] = f"{metrics['run_id']}-{uuid.uuid4().hex[:12]}"
     record["settings"] = s.redacted()
 
     def fill(staged: Path) -> None:
-        shutil.copytree(work / "final" / "last-checkpoint", staged / "last-checkpoint")
+        shutil.copytree(checkpoint, staged / "last-checkpoint", copy_function=link_or_copy)
         (staged / STATE_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
     _deliver(s, plan.target, work, fill, f"{plan.stage} shard {plan.shard}: checkpoint at step {metrics['step']}",

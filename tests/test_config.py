@@ -38,6 +38,7 @@ CASES = {
     "WARMUP_RATIO": ("0.1", 0.1, "1.5"),
     "MAX_STEPS": ("100", 100, "0"),
     "SHARD_STEPS": ("30", 30, "0"),
+    "SAVE_INTERVAL": ("2.5", 2.5, "-1"),
     "PRECISION": ("fp16", "fp16", "bf32"),
     "GRADIENT_CHECKPOINTING": ("true", "true", "sometimes"),
     "NUM_PROCESSES": ("2", 2, "-2"),

@@ -189,6 +189,35 @@ def test_max_steps_caps_a_run_and_the_next_run_continues_the_shard(env):
     assert last["steps"] == resume["max_steps"] and last["resumed_from_step"] == 3 and "skipped_steps" not in last
 
 
+def test_a_run_killed_without_warning_resumes_from_its_last_periodic_checkpoint(env):
+    """SAVE_INTERVAL: checkpoints are published while training goes on; kill -9 after one, and the
+    next run resumes from it (not from the start of the shard)."""
+    from run_state import validate_checkpoint
+
+    out, _, state_before = _first_shard(env)
+    model_before = _model_digest(out)
+    long = {k: v for k, v in env.items() if k != "SHARD_STEPS"} | {"EPOCHS": "4", "SAVE_INTERVAL": "0.05"}
+    proc = _start(long)
+    try:
+        line = _wait_for(proc, "a run killed from now on resumes there").splitlines()[-1]
+        step = int(line.split("periodic checkpoint at step ")[1].split()[0])
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        proc.stdout.close()
+    state = record(out)
+    resume = state["resume"]
+    assert resume["step"] >= step and resume["stop_reason"] == "a periodic checkpoint" and resume["interruptions"] == 0
+    assert state["history"] == state_before["history"] and _model_digest(out) == model_before
+    validate_checkpoint(out / "last-checkpoint", resume["step"], "last-checkpoint")
+    p = run(["./trainer.sh"], {**long, "SAVE_INTERVAL": "0"}, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert f"resuming at step {resume['step']} of this shard" in p.stdout
+    state = record(out)
+    last = state["history"][-1]
+    assert last["resumed_from_step"] == resume["step"] and last["steps"] == resume["max_steps"] and "resume" not in state
+
+
 def test_sigkill_while_the_checkpoint_is_saved_loses_nothing(env):
     """SIGTERM, then SIGKILL to every process the moment the trainer says it is saving: whatever
     was published stays loadable and the next run finishes the shard."""
