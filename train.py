@@ -113,7 +113,7 @@ def build_trainer(s: Settings, prepared: Path, out: Path, precision: str, callba
         model = AutoModelForCausalLM.from_pretrained(prepared / "model", dtype=torch.float32, attn_implementation="sdpa")
     cpu = not torch.cuda.is_available()
     # transformers' TensorBoard callback takes its directory from this variable only.
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "runs")
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "runs" / tensorboard_run(json.loads((prepared / "manifest.json").read_text())))
     args = SFTConfig(
         output_dir=str(out / "trainer"),
         per_device_train_batch_size=s.batch_size,
@@ -150,6 +150,24 @@ def build_trainer(s: Settings, prepared: Path, out: Path, precision: str, callba
     earlier = prepared / "checkpoint" / DATA_ORDER
     trainer.batch_digests = json.loads(earlier.read_text()) if earlier.exists() else []
     return trainer, tok, ckpt
+
+
+def tensorboard_run(manifest: dict[str, Any]) -> str:
+    """This run's folder under runs/: the published runs/ keeps one per run for the whole pipeline,
+    in pipeline order (stage, shard, the step it started at), so `tensorboard --logdir runs` shows
+    every shard."""
+    plan, resume = manifest["plan"], manifest.get("resume") or {}
+    order = 1 if plan["stage"] == "pretrain" else 2
+    return (f"{order}-{plan['stage']}-shard{int(plan['shard']):03d}-from-step{int(resume.get('step', 0)):06d}-"
+            f"{manifest['run_id'][:8]}")
+
+
+def log_validation_loss(work: Path, manifest: dict[str, Any], step: int, loss: float) -> None:
+    """Validation loss into this run's TensorBoard traces (eval/loss), beside the trainer's train/*."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(log_dir=str(work / "runs" / tensorboard_run(manifest))) as w:
+        w.add_scalar("eval/loss", loss, step)
 
 
 def validation_loss(model, dataset, collator, batch_size: int, precision: str) -> float:
@@ -445,6 +463,8 @@ def fit(s: Settings, work: Path) -> int:
             log(f"validation loss before training: {before:.4f}")
         if trainer.is_world_process_zero():
             status_page.emit("eval", tokens=int(resume.get("tokens", 0)) if resume else 0, loss=before)
+            if not resume:
+                log_validation_loss(work, manifest, 0, before)
         t0 = time.perf_counter()
         if s.save_interval != 0:
             def partial(state, reason: str = "a periodic checkpoint") -> dict[str, Any]:
@@ -487,7 +507,7 @@ def fit(s: Settings, work: Path) -> int:
                 "stop_reason": budget.stopped, "step": step, "max_steps": trainer.state.max_steps, "eval_loss_before": before,
                 "samples_seen": step * s.batch_size * s.gradient_accumulation_steps * world,
                 "tokens": int(trainer.state.num_input_tokens_seen), "train_runtime_s": runtime,
-                "first_step_s": budget.first_step_s})
+                "first_step_s": budget.first_step_s, "tensorboard_run": tensorboard_run(manifest)})
         trainer.accelerator.wait_for_everyone()
         return 0
     tokens = int(trainer.state.num_input_tokens_seen)
@@ -512,6 +532,7 @@ def fit(s: Settings, work: Path) -> int:
     }
     if trainer.is_world_process_zero():
         status_page.emit("eval", tokens=tokens, loss=after)
+        log_validation_loss(work, manifest, trainer.state.global_step, after)
     log(f"validation loss after training: {after:.4f} (perplexity {metrics['perplexity']:.2f}); "
         f"{metrics['steps']} steps, {tokens:,} tokens in {runtime:.0f} s ({metrics['tokens_per_s']:,.0f} tokens/s)")
     metrics["data_order_sha256"] = hashlib.sha256(json.dumps(trainer.batch_digests).encode()).hexdigest()
@@ -614,8 +635,12 @@ def save_checkpoint(trainer, work: Path, metrics: dict[str, Any]) -> None:
     src = get_last_checkpoint(str(work / "trainer"))
     if src is None:
         raise RuntimeError(f"the trainer saved no checkpoint under {work / 'trainer'}")
-    _write_final(work, lambda staged: shutil.copytree(src, staged / "last-checkpoint", copy_function=_link_or_copy),
-                 metrics)
+    def fill(staged: Path) -> None:
+        shutil.copytree(src, staged / "last-checkpoint", copy_function=_link_or_copy)
+        if (work / "runs").exists():  # this run's TensorBoard traces, published with the checkpoint
+            shutil.copytree(work / "runs", staged / "runs")
+
+    _write_final(work, fill, metrics)
 
 
 def save_final(model, tok, work: Path, precision: str, metrics: dict[str, Any]) -> None:

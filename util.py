@@ -271,7 +271,12 @@ def publish(s: Settings, work: Path) -> tuple[dict[str, Any], RunPlan]:
     record["publish_id"] = f"{manifest['run_id']}-{uuid.uuid4().hex[:12]}"
     last = record["history"][-1]
 
+    earlier = _earlier_runs(s, plan, work, current)
+
     def fill(staged: Path) -> None:
+        if earlier is not None:  # the traces of every earlier run of the pipeline, linked
+            for d in sorted(p for p in earlier.iterdir() if p.is_dir()):
+                shutil.copytree(d, staged / "runs" / d.name, copy_function=link_or_copy)
         shutil.copytree(final, staged, ignore=shutil.ignore_patterns("metrics.json"), dirs_exist_ok=True)
         (staged / STATE_FILE).write_text(json.dumps(record, indent=2) + "\n")
         (staged / "README.md").write_text(render_card(record, plan.target))
@@ -279,6 +284,23 @@ def publish(s: Settings, work: Path) -> tuple[dict[str, Any], RunPlan]:
     _deliver(s, plan.target, work, fill, f"{last['stage']} shard {last['shard']}: validation loss "
              f"{last.get('eval_loss', float('nan')):.4f}", record["publish_id"], current.revision)
     return record, plan
+
+
+def _earlier_runs(s: Settings, plan: RunPlan, work: Path, current: Published) -> Path | None:
+    """The runs/ folder whose per-run trace folders a full publish carries over, so that `runs/`
+    holds the TensorBoard traces of the whole pipeline: the target's own (locally; the Hub keeps
+    them by not deleting them), and for the first instruct publish the pretraining output's."""
+    first_instruct = plan.stage == "instruct" and current.record is None
+    source = s.output_repo if first_instruct else plan.target
+    if is_local_target(source):
+        runs = local_path(source) / "runs"
+        return runs if runs.is_dir() else None
+    if not first_instruct:
+        return None
+    files = hub(s).list_files(source) or []
+    if not any(f.startswith("runs/") and f.count("/") >= 2 for f in files):
+        return None
+    return hub(s).download(source, work / "earlier-runs", allow=["runs/*/*"]) / "runs"
 
 
 def _unchanged_since(s: Settings, work: Path, plan: RunPlan) -> tuple[Published, dict[str, Any] | None]:
@@ -360,12 +382,19 @@ def publish_checkpoint(s: Settings, plan: RunPlan, work: Path, checkpoint: Path,
     record["publish_id"] = f"{metrics['run_id']}-{uuid.uuid4().hex[:12]}"
     record["settings"] = s.redacted()
 
+    traces = checkpoint.parent / "runs" / str(metrics.get("tensorboard_run", ""))
+    traces = traces if metrics.get("tensorboard_run") and traces.is_dir() else None
+
     def fill(staged: Path) -> None:
         shutil.copytree(checkpoint, staged / "last-checkpoint", copy_function=link_or_copy)
         (staged / STATE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        if traces is not None:  # a stopped run's TensorBoard traces, beside those of the runs before it
+            shutil.rmtree(staged / "runs" / traces.name, ignore_errors=True)  # links to an earlier copy, if any
+            shutil.copytree(traces, staged / "runs" / traces.name)
 
     _deliver(s, plan.target, work, fill, f"{plan.stage} shard {plan.shard}: checkpoint at step {metrics['step']}",
-             record["publish_id"], revision, only=["last-checkpoint/", STATE_FILE])
+             record["publish_id"], revision,
+             only=["last-checkpoint/", STATE_FILE] + ([f"runs/{traces.name}/"] if traces is not None else []))
     return record
 
 
@@ -658,7 +687,8 @@ class Hub:
         if replace is not None:  # only these paths (a file, or a folder ending in /) are this publish's
             existing = {f for f in existing if any(f == r or (r.endswith("/") and f.startswith(r)) for r in replace)}
         files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-        stale = sorted(existing - set(files) - {".gitattributes"})
+        # runs/<run>/ are the TensorBoard traces of earlier runs: every publish adds its own, none removes them
+        stale = sorted(f for f in existing - set(files) - {".gitattributes"} if not (f.startswith("runs/") and f.count("/") >= 2))
 
         def commit():
             ops = [CommitOperationAdd(path_in_repo=f, path_or_fileobj=str(folder / f)) for f in files]

@@ -46,6 +46,28 @@ def test_runs_to_done_with_state_and_history(done):
     assert "=== done ===" in p.stdout and "pipeline is done" in p.stdout
 
 
+def _scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_runs_holds_the_traces_of_every_run_of_the_pipeline(done):
+    env, _ = done
+    pre, it = Path(env["OUTPUT_REPO"]) / "runs", Path(env["OUTPUT_REPO"] + "-it") / "runs"
+    names = sorted(d.name for d in it.iterdir() if d.is_dir())
+    assert [n.split("-from-")[0] for n in names] == ["1-pretrain-shard000", "1-pretrain-shard001", "2-instruct-shard000"]
+    assert sorted(d.name for d in pre.iterdir() if d.is_dir()) == names[:2]
+    for name in names:
+        scalars = _scalars(it / name)
+        assert {"train/loss", "train/learning_rate", "eval/loss"} <= set(scalars), (name, sorted(scalars))
+        (first_step, before), (last_step, after) = scalars["eval/loss"][0], scalars["eval/loss"][-1]
+        assert first_step == 0 and last_step == 6 and after < before
+    assert (it / "data_order.json").exists()
+
+
 def test_published_models_load_and_chat(done):
     from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
@@ -99,11 +121,13 @@ _wait_for = wait_for
 
 
 def _model_digest(out: Path) -> str:
-    """The published model (everything but the checkpoint and the record)."""
+    """The published model (everything but the checkpoint, the record and the per-run trace folders,
+    which a stopped run adds to)."""
     h = hashlib.sha256()
     for p in sorted(out.rglob("*")):
         rel = p.relative_to(out).as_posix()
-        if p.is_file() and not rel.startswith("last-checkpoint/") and rel != "training_state.json":
+        traces = rel.startswith("runs/") and rel.count("/") >= 2
+        if p.is_file() and not rel.startswith("last-checkpoint/") and rel != "training_state.json" and not traces:
             h.update(rel.encode() + p.read_bytes())
     return h.hexdigest()
 
@@ -160,6 +184,8 @@ def test_sigterm_mid_training_publishes_a_checkpoint_the_next_run_resumes(env):
     assert 0 < resume["step"] < resume["max_steps"]
     assert (out / "last-checkpoint" / "trainer_state.json").exists()
     assert _model_digest(out) == model_before  # the published model is still the finished shard's
+    runs = lambda: sorted(d.name.split("-", 2)[2].rsplit("-", 1)[0] for d in (out / "runs").iterdir() if d.is_dir())  # noqa: E731
+    assert runs() == ["shard000-from-step000000", "shard001-from-step000000"]  # the stopped run's traces too
     # The next run resumes that step and finishes the shard; the checkpoint goes with the publish.
     p = run(["./trainer.sh"], long, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
@@ -169,6 +195,7 @@ def test_sigterm_mid_training_publishes_a_checkpoint_the_next_run_resumes(env):
     last = state["history"][-1]
     assert last["steps"] == resume["max_steps"] and last["resumed_from_step"] == resume["step"]
     assert not (out / "last-checkpoint").exists()
+    assert runs() == ["shard000-from-step000000", "shard001-from-step000000", f"shard001-from-step{resume['step']:06d}"]
 
 
 def test_max_steps_caps_a_run_and_the_next_run_continues_the_shard(env):

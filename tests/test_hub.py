@@ -84,7 +84,12 @@ def test_a_space_runs_the_pipeline_to_done_and_pauses(hub, tmp_path):
     assert hub.repos["alice/llama"].private and hub.repos["alice/llama-it"].private
     files = set(hub.repos["alice/llama-it"].files)
     assert {"config.json", "model.safetensors", "tokenizer.json", "README.md", "training_state.json"} <= files
-    assert any(f.startswith("runs/") for f in files) and not any(f.startswith("last-checkpoint/") for f in files)
+    assert not any(f.startswith("last-checkpoint/") for f in files)
+    # runs/: a folder of TensorBoard traces per run of the pipeline, the pretraining runs carried into the instruct repo
+    for repo, expect in (("alice/llama", ["1-pretrain-shard000", "1-pretrain-shard001"]),
+                         ("alice/llama-it", ["1-pretrain-shard000", "1-pretrain-shard001", "2-instruct-shard000"])):
+        runs = sorted({f.split("/")[1].split("-from-")[0] for f in hub.repos[repo].files if f.count("/") >= 2 and f.startswith("runs/")})
+        assert runs == expect, (repo, sorted(hub.repos[repo].files))
     for repo in ("alice/llama", "alice/llama-it"):
         loaded = _load_and_chat({**env, "HF_HOME": str(tmp_path / "reader")}, repo)
         assert loaded == {"dtype": "torch.bfloat16", "quantized": False, "new_tokens": loaded["new_tokens"]}
