@@ -188,3 +188,24 @@ def test_a_shard_stopped_on_the_hub_resumes_from_its_published_checkpoint(hub, t
     record = json.loads(files["training_state.json"])
     assert "resume" not in record and record["history"][-1]["steps"] == 6 and record["history"][-1]["interruptions"] == 1
     assert space.variables["INST"]["value"] == "true"
+
+
+@pytest.mark.slow
+def test_periodic_checkpoints_are_commits_a_failed_one_is_retried_later_and_the_shard_still_publishes(hub, tmp_path):
+    """SAVE_INTERVAL on the Hub: each periodic checkpoint is one commit made while training goes on;
+    one that fails for good is logged and the next one goes through; the publish that finishes the
+    shard builds on the last of them (no conflict with the run's own commits) and removes the checkpoint."""
+    env = hub_env(tmp_path, hub)
+    env = {k: v for k, v in env.items() if k != "SHARD_STEPS"} | {
+        "EPOCHS": "3", "SAVE_INTERVAL": "0.05", "MAX_RUNS": "1", "HUB_RETRIES": "1"}
+    hub.fail("POST", r"/commit/", status=503, times=2)  # the first checkpoint's commit and its one retry
+    p = run(["./trainer.sh"], env, timeout=900)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    assert "not published (" in p.stdout and "training goes on and the next checkpoint tries again" in p.stdout
+    titles = hub.commits("alice/llama")
+    periodic = [t for t in titles if ": checkpoint at step" in t]
+    assert periodic and titles[-1].startswith("pretrain shard 0: validation loss"), titles
+    files = hub.repos["alice/llama"].files
+    assert not any(f.startswith("last-checkpoint/") for f in files)
+    record = json.loads(files["training_state.json"])
+    assert record["next"] == {"inst": False, "init": 1} and "resume" not in record
