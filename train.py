@@ -269,8 +269,17 @@ def make_budget_callback(started: float, until: float, run_steps: int | None = N
             self.periodic = periodic  # a PeriodicCheckpoint, or None (SAVE_INTERVAL=0)
 
         def on_train_begin(self, args, state, control, **kw):
+            import torch.distributed as dist
+
+            from jit_ops import release_comm_buffers
+
             self.began = True
             self.start_step = state.global_step
+            # DeepSpeed's engine is up (its CPU comm op created a /dev/shm buffer per rank and mapped
+            # every rank's): once every rank is past that, each unlinks its own file.
+            if dist.is_available() and dist.is_initialized():
+                dist.barrier()
+            release_comm_buffers()
             if self.periodic is not None:
                 self.periodic.begin()
 
@@ -423,7 +432,7 @@ def fit(s: Settings, work: Path) -> int:
     import torch
     import transformers
 
-    from jit_ops import load_comm_op, release_comm_buffers
+    from jit_ops import load_comm_op
 
     transformers.utils.logging.disable_progress_bar()  # weight loading/saving bars; the trainer keeps its own
 
@@ -438,8 +447,6 @@ def fit(s: Settings, work: Path) -> int:
     try:
         load_comm_op(log)
         trainer, tok, ckpt = build_trainer(s, prepared, work, precision, [budget, make_status_callback()])
-        trainer.accelerator.wait_for_everyone()  # every rank has mapped every rank's comm buffer by now
-        release_comm_buffers()
         world = trainer.args.world_size
         log(f"{plan['stage']} shard {plan['shard']}: {manifest['train_sequences']} train / {manifest['val_sequences']} val "
             f"sequences of <= {s.max_length} tokens; precision {precision}; {world} rank(s) on "

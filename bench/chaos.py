@@ -177,6 +177,10 @@ def hub_cases(ch: Chaos, only: str | None) -> None:
         "repo info 502": [("GET", r"^/api/models/alice/llama(-it)?(/revision/[^/]+)?$", {"status": 502})],
         "model download 503": [("GET", r"/resolve/[0-9a-f]{40}/(model\.safetensors|config\.json)", {}),
                                ("HEAD", r"/resolve/[0-9a-f]{40}/(model\.safetensors|config\.json)", {})],
+        "record read stalls past HUB_TIMEOUT": [("HEAD", r"/resolve/.*training_state", {"kind": "delay", "seconds": 5}),
+                                                ("GET", r"/resolve/.*training_state", {"kind": "delay", "seconds": 5})],
+        "checkpoint download 503": [("GET", r"/resolve/[0-9a-f]{40}/last-checkpoint/", {}),
+                                    ("HEAD", r"/resolve/[0-9a-f]{40}/last-checkpoint/", {})],
         "commit 503 forever": [("POST", r"/commit/", {})],
         "preupload 500 forever": [("POST", r"/preupload/", {"status": 500})],
     }
@@ -188,6 +192,10 @@ def hub_cases(ch: Chaos, only: str | None) -> None:
                 code, out = run({**env, "MAX_RUNS": "1"})  # shard 0 published to the Hub
                 if code != 0:
                     raise RuntimeError(out[-1500:])
+                if "checkpoint" in c.name:  # shard 1 stopped after a step: its checkpoint is on the Hub
+                    code, out = run({**env, "MAX_RUNS": "1", "TIME_BUDGET": "1s"})
+                    if code != 0 or "resume" not in json.loads(hub.repos["alice/llama"].files["training_state.json"]):
+                        raise RuntimeError(out[-1500:])
                 commits = hub.commits("alice/llama")
                 for method, pattern, kw in faults:
                     hub.fail(method, pattern, times=10**6, **kw)

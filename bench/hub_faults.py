@@ -12,6 +12,10 @@ get past: retried by this project's wrapper, which logs a line per retry, or by 
 backoff for single requests), retries logged, commits that landed, whether the published record is
 the run's, seconds, and for a failed publish whether a rerun without the fault publishes. Prints one
 JSON line.
+
+Faults on reads (the record failing, dropped or stalled, the repo info, the model and the checkpoint
+downloads failing for good) are in bench/chaos.py's hub group: a whole run each, checked to plan
+nothing from the failed read and to publish nothing.
 """
 
 from __future__ import annotations

@@ -89,8 +89,11 @@ def measure(case: str, model_dir: str, batch: int, seq: int, steps: int, checkpo
     to_dataset(rows[n_train:]).save_to_disk(prepared / "val")
     (prepared / "manifest.json").write_text(json.dumps({
         "architecture": arch, "train_format": "float" if case == "full" else "nf4", "run_id": "bench-memory",
-        "plan": {"stage": "pretrain", "shard": 0}, "train_sequences": n_train, "val_sequences": n_val}))
+        "plan": {"stage": "pretrain", "shard": 0, "target": str(work / "out")}, "data_fingerprint": "bench-memory",
+        "train_sequences": n_train, "val_sequences": n_val}))
+    # Training's peak alone: no evaluations during training, no periodic checkpoint.
     s = load_settings({"BATCH_SIZE": str(batch), "MAX_LENGTH": str(seq), "SHARD_STEPS": str(steps), "TIME_BUDGET": "10h",
+                       "EVAL_INTERVAL": "0", "SAVE_INTERVAL": "0",
                        "GRADIENT_CHECKPOINTING": "true" if checkpointing else "false", "WORK_DIR": str(work),
                        "USE_QUANT": "false" if case == "full" else "true", "PRECISION": "bf16"})
     before = rss_kib("VmRSS")

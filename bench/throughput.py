@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     to_dataset(blocks[:BATCH]).save_to_disk(prepared / "val")
     tok.save_pretrained(prepared / "tokenizer")
     model().save_pretrained(prepared / "model")
-    (prepared / "manifest.json").write_text(json.dumps({"architecture": arch, "train_format": "float"}))
+    (prepared / "manifest.json").write_text(json.dumps({"architecture": arch, "train_format": "float", "run_id": "bench",
+                                                        "plan": {"stage": "pretrain", "shard": 0}}))
     clock = StepClock()
     trainer, _, _ = train.build_trainer(s, prepared, work, precision, [clock])
     ours = measure(trainer, clock, warmup)
