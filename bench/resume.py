@@ -32,7 +32,7 @@ def base_env(tmp: Path, rows: int, epochs: float) -> dict[str, str]:
     data.mkdir(parents=True, exist_ok=True)
     with (ROOT / "data" / "pretrain.jsonl").open() as f, (data / "pretrain.jsonl").open("w") as g:
         g.writelines(line for _, line in zip(range(rows), f))
-    keep = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "INIT", "INST", "TIME_BUDGET", "MAX_"))}
+    keep = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "INIT", "INST", "TIME_BUDGET", "MAX_", "SHARD_STEPS", "SAVE_", "EVAL_"))}
     return {**keep, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
             "HF_HOME": str(tmp / "hf"), "HF_HUB_OFFLINE": "1", "INPUT_DATASET": str(data / "pretrain.jsonl"),
             "SHARD_SIZE": str(rows), "MAX_LENGTH": "64", "BATCH_SIZE": "8", "VAL_FRACTION": "0.1", "EPOCHS": str(epochs),
