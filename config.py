@@ -317,6 +317,15 @@ class Settings(BaseSettings):
     save_interval: float | None = _env(
         "SAVE_INTERVAL", default=None, ge=0, le=10080,
         description="Minutes of training between periodic checkpoints: the full training state is saved and published as last-checkpoint/ (in the background) while training goes on, so a run killed without warning (kill -9, out of memory, a restart) loses at most this much. Unset: chosen from the checkpoint's size so saving takes at most 5 % of training time, and at least 10 min. 0 = off.")
+    eval_interval: int | None = _env(
+        "EVAL_INTERVAL", default=None, ge=0,
+        description="Steps between evaluations of the validation loss during training (TensorBoard eval/loss, the status page, the history, sample generations from fixed prompts). Unset: 4 per shard, the last at its end. 0 = only before and after the shard.")
+    early_stopping_patience: int | None = _env(
+        "EARLY_STOPPING_PATIENCE", default=None, ge=1,
+        description="End a shard when this many evaluations in a row have not improved on the best validation loss (the shard counts as finished; the history records early_stopped_at). Unset: off.")
+    best_model: bool = _env(
+        "BEST_MODEL", default=True,
+        description="When evaluating during training, publish the weights of the best evaluation rather than the last step's (the history records best_step and both losses).")
     shard_steps: int | None = _env(
         "SHARD_STEPS", default=None, ge=1,
         description="Optimizer steps per shard instead of EPOCHS passes over it (a quick try, a fixed budget): fewer steps than the shard holds skip the rest of its data, more repeat it. The history records both counts.")

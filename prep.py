@@ -397,8 +397,10 @@ def prepare(s: Settings, plan: RunPlan) -> dict[str, Any]:
         if checkpoint_src is not None:
             checkpoint = staged / "checkpoint"
             shutil.copytree(checkpoint_src, checkpoint, copy_function=link_or_copy)
+            why = plan.resume.get("stop_reason", "an interruption")
             log(f"checkpoint: resuming {plan.stage} shard {plan.shard} at step {plan.resume['step']} "
-                f"(stopped by {plan.resume.get('stop_reason', 'an interruption')})")
+                + ("(the last periodic checkpoint of a run that did not finish)" if why == "a periodic checkpoint"
+                   else f"(stopped by {why})"))
         if plan.source is None and checkpoint is not None:
             tok = load_tokenizer(checkpoint, f"{plan.target}/last-checkpoint")
             log(f"tokenizer: the one of the checkpoint being resumed ({len(tok)} tokens)")

@@ -67,6 +67,7 @@ def build_trainer(s: Settings, prepared: Path, out: Path, precision: str, callba
         # the steps before the interruption, carried in the checkpoint): runs/data_order.json shows
         # that a chain of runs trained on exactly the batches of one uninterrupted run.
         batch_digests: list[str]  # set below, before training
+        evaluator = None  # an evaluation.Evaluator when evaluating during training
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             ids = inputs["input_ids"].detach().cpu().numpy().tobytes()
@@ -80,6 +81,8 @@ def build_trainer(s: Settings, prepared: Path, out: Path, precision: str, callba
 
                 last = get_last_checkpoint(self.args.output_dir)
                 Path(last, DATA_ORDER).write_text(json.dumps(self.batch_digests))
+                if self.evaluator is not None:
+                    self.evaluator.write_into(Path(last))
 
         # TRL's default loss also computes per-token entropy and accuracy metrics; on CPU that halved
         # throughput (measured 1.2k vs 2.3k tokens/s on a 22M model). Here: the decoder's hidden
@@ -162,12 +165,20 @@ def tensorboard_run(manifest: dict[str, Any]) -> str:
             f"{manifest['run_id'][:8]}")
 
 
-def log_validation_loss(work: Path, manifest: dict[str, Any], step: int, loss: float) -> None:
-    """Validation loss into this run's TensorBoard traces (eval/loss), beside the trainer's train/*."""
+def log_validation_loss(work: Path, manifest: dict[str, Any], step: int, loss: float,
+                        texts: list[dict[str, str]] | None = None) -> None:
+    """Validation loss into this run's TensorBoard traces (eval/loss), beside the trainer's train/*;
+    with the sample generations of that evaluation (TensorBoard text, and samples.jsonl)."""
     from torch.utils.tensorboard import SummaryWriter
 
-    with SummaryWriter(log_dir=str(work / "runs" / tensorboard_run(manifest))) as w:
+    run = work / "runs" / tensorboard_run(manifest)
+    with SummaryWriter(log_dir=str(run)) as w:
         w.add_scalar("eval/loss", loss, step)
+        for i, t in enumerate(texts or []):
+            w.add_text(f"samples/{i}", f"**{t['prompt']}** {t['completion']}", step)
+    if texts:
+        with (run / "samples.jsonl").open("a") as f:
+            f.writelines(json.dumps({"step": step, **t}) + "\n" for t in texts)
 
 
 def validation_loss(model, dataset, collator, batch_size: int, precision: str) -> float:
@@ -267,6 +278,8 @@ def make_budget_callback(started: float, until: float, run_steps: int | None = N
             self.first_step_s: float | None = None  # from the run's start to the end of its first step
             self.start_step = 0  # the step this run began at (a resumed run's checkpoint step)
             self.periodic = periodic  # a PeriodicCheckpoint, or None (SAVE_INTERVAL=0)
+            self.evaluator = None  # an evaluation.Evaluator, or None (EVAL_INTERVAL=0)
+            self.on_eval = None  # called with (step, loss) after each evaluation (rank 0 reports it)
 
         def on_train_begin(self, args, state, control, **kw):
             import torch.distributed as dist
@@ -310,6 +323,20 @@ def make_budget_callback(started: float, until: float, run_steps: int | None = N
             elif due:
                 self.periodic.saving(state.global_step)
                 control.should_save = True
+            if not why and self.evaluator is not None and self.evaluator.due(state.global_step, state.max_steps):
+                loss = self.evaluator.evaluate(state.global_step)
+                if loss is None:  # a stop request came during the evaluation: stop as at any step
+                    self.stopped = self.REASONS[3.0]
+                    control.should_training_stop = True
+                    control.should_save = True
+                    return control
+                if self.on_eval is not None:
+                    self.on_eval(state.global_step, loss)
+                if self.evaluator.should_stop():
+                    self.evaluator.early_stopped_at = state.global_step
+                    log(f"early stopping at step {state.global_step}: {self.evaluator.since_best} evaluations without "
+                        f"improvement on {self.evaluator.best:.4f} (step {self.evaluator.best_step}); the shard is finished")
+                    control.should_training_stop = True
             return control
 
         def on_save(self, args, state, control, **kw):
@@ -486,21 +513,28 @@ def fit(s: Settings, work: Path) -> int:
             budget.periodic = PeriodicCheckpoint(s, work, plan["target"], weights + 12 * trainable, partial,
                                                  trainer.is_world_process_zero())
             log(budget.periodic.describe())
+        evaluator = make_evaluator(s, trainer, tok, work, manifest, precision, budget)
+        if evaluator is not None and resume:
+            evaluator.read_from(prepared / "checkpoint")
         result = train_or_explain(trainer, budget, prepared, resume)
     except StopRequested as e:
         log(f"stopped by {e} before the first training step: nothing to save; the published output and the state are "
             "unchanged")
         return EXIT_STOPPED
     runtime = time.perf_counter() - t0
+    evaluated: dict[str, Any] = {}
     if not budget.stopped:
+        model = trainer.accelerator.unwrap_model(trainer.model_wrapped)
         try:
-            after = validation_loss(trainer.accelerator.unwrap_model(trainer.model_wrapped), trainer.eval_dataset,
-                                    trainer.data_collator, s.batch_size, precision)
+            after = validation_loss(model, trainer.eval_dataset, trainer.data_collator, s.batch_size, precision)
         except StopRequested:
             # The shard is trained: keep it as a checkpoint at its last step; the next run resumes
             # there, trains nothing more, evaluates and publishes the model.
             budget.stopped = "a stop signal"
             trainer._save_checkpoint(trainer.model_wrapped, trial=None)
+        else:
+            if evaluator is not None:
+                after, evaluated = best_of_shard(evaluator, budget, trainer, model, after, s, precision)
     if budget.periodic is not None:
         budget.periodic.wait()  # this run's next publish builds on the last periodic one
     if budget.stopped:
@@ -536,10 +570,12 @@ def fit(s: Settings, work: Path) -> int:
         "first_step_s": budget.first_step_s,
         **({"resumed_from_step": int(resume["step"]), "first_resumed_step_s": budget.first_step_s} if resume else {}),
         **shard_coverage(trainer, s),
+        **evaluated,
     }
-    if trainer.is_world_process_zero():
+    # The last step's evaluation, unless an early stop made it during training (reported then).
+    if trainer.is_world_process_zero() and evaluated.get("early_stopped_at") != trainer.state.global_step:
         status_page.emit("eval", tokens=tokens, loss=after)
-        log_validation_loss(work, manifest, trainer.state.global_step, after)
+        log_validation_loss(work, manifest, trainer.state.global_step, metrics.get("last_step_eval_loss", after))
     log(f"validation loss after training: {after:.4f} (perplexity {metrics['perplexity']:.2f}); "
         f"{metrics['steps']} steps, {tokens:,} tokens in {runtime:.0f} s ({metrics['tokens_per_s']:,.0f} tokens/s)")
     metrics["data_order_sha256"] = hashlib.sha256(json.dumps(trainer.batch_digests).encode()).hexdigest()
@@ -555,14 +591,81 @@ def fit(s: Settings, work: Path) -> int:
     return 0
 
 
+def make_evaluator(s: Settings, trainer, tok, work: Path, manifest: dict[str, Any], precision: str, budget):
+    """The evaluation during training (evaluation.py) wired to this trainer: the validation loss of
+    the model as it trains (a stop request during it, on any rank, cuts it short everywhere), the
+    best weights kept by rank 0, each evaluation reported (TensorBoard eval/loss, the status page,
+    sample generations) by rank 0. None when EVAL_INTERVAL=0."""
+    import torch
+    import torch.distributed as dist
+
+    from evaluation import Evaluator, interval_for, load_trainable, samples, save_trainable
+
+    interval = interval_for(s.eval_interval, s.shard_steps or epoch_steps(trainer))
+    if interval == 0:
+        return None
+    model = trainer.accelerator.unwrap_model(trainer.model_wrapped)
+    rank0 = trainer.is_world_process_zero()
+
+    def measure() -> float | None:
+        try:
+            loss, stopped = validation_loss(model, trainer.eval_dataset, trainer.data_collator, s.batch_size, precision), 0.0
+        except StopRequested:
+            loss, stopped = math.nan, 1.0
+        if dist.is_available() and dist.is_initialized():
+            flag = torch.tensor([stopped])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stopped = float(flag.item())
+        return None if stopped else loss
+
+    def save_best(path: Path) -> None:
+        if rank0:
+            save_trainable(model, path)
+
+    def report(step: int, loss: float) -> None:
+        if not rank0:
+            return
+        status_page.emit("eval", tokens=int(trainer.state.num_input_tokens_seen), loss=loss)
+        log_validation_loss(work, manifest, step, loss, samples(model, tok, manifest["plan"]["stage"] == "instruct"))
+
+    evaluator = Evaluator(interval, s.early_stopping_patience, s.best_model, measure, save_best,
+                          lambda path: load_trainable(model, path), work, log)
+    trainer.evaluator = budget.evaluator = evaluator
+    budget.on_eval = report
+    log(f"evaluating every {interval} steps" + (f", early stopping after {s.early_stopping_patience} evaluations without "
+        "improvement" if s.early_stopping_patience else "") + ("; the published model is the best evaluation's"
+                                                                if s.best_model else ""))
+    return evaluator
+
+
+def best_of_shard(evaluator, budget, trainer, model, last: float, s: Settings, precision: str):
+    """The shard's final evaluation joined to those during training; the best weights put back when
+    an earlier evaluation beat the last step (BEST_MODEL). Returns the published model's validation
+    loss and what the history says of the evaluations."""
+    step = trainer.state.global_step
+    if not evaluator.evals or evaluator.evals[-1][0] != step:
+        evaluator.record(step, last)
+    after = last
+    if evaluator.restore_best(step):
+        after = validation_loss(model, trainer.eval_dataset, trainer.data_collator, s.batch_size, precision)
+        log(f"the published model is the best evaluation's: step {evaluator.best_step}, validation loss {after:.4f} "
+            f"(the last step's: {last:.4f})")
+    return after, {**evaluator.summary(), "last_step_eval_loss": last}
+
+
+def epoch_steps(trainer) -> int:
+    """The optimizer steps of EPOCHS passes over the shard, as the trainer counts them."""
+    batches = len(trainer.get_train_dataloader())
+    ga = trainer.args.gradient_accumulation_steps
+    return math.ceil(trainer.args.num_train_epochs * max(batches // ga + int(batches % ga > 0), 1))
+
+
 def shard_coverage(trainer, s: Settings) -> dict[str, int]:
     """With SHARD_STEPS, how many optimizer steps EPOCHS passes over the shard would have taken (as
     the trainer counts them) beside the steps trained: the data a shard skipped is never silent."""
     if not s.shard_steps:
         return {}
-    batches = len(trainer.get_train_dataloader())
-    ga = trainer.args.gradient_accumulation_steps
-    natural = math.ceil(trainer.args.num_train_epochs * max(batches // ga + int(batches % ga > 0), 1))
+    natural = epoch_steps(trainer)
     trained = trainer.state.global_step
     if trained < natural:
         log(f"SHARD_STEPS={s.shard_steps}: trained {trained} of the {natural} steps of EPOCHS={s.epochs:g} over this "

@@ -229,7 +229,8 @@ def build_record(s: Settings, plan: RunPlan, manifest: dict[str, Any], metrics: 
                                         "perplexity", "train_runtime_s", "tokens_per_s", "precision",
                                         "world_size", "train_format", "trainable_parameters", "merged_eval_loss",
                                         "merge_delta_pct", "resumed_from_step", "first_resumed_step_s", "data_order_sha256",
-                                        "shard_steps", "skipped_steps")
+                                        "shard_steps", "skipped_steps", "evals", "best_step", "best_eval_loss",
+                                        "last_step_eval_loss", "early_stopped_at")
                 if k in metrics}}
     resumed = (previous or {}).get("resume") or {}
     if resumed.get("stage") == plan.stage and resumed.get("shard") == plan.shard:

@@ -245,6 +245,28 @@ def test_a_run_killed_without_warning_resumes_from_its_last_periodic_checkpoint(
     assert last["resumed_from_step"] == resume["step"] and last["steps"] == resume["max_steps"] and "resume" not in state
 
 
+def test_a_shard_that_overfits_stops_early_and_publishes_its_best_evaluation(env):
+    """36 documents, many passes, an evaluation every 4 steps: the validation loss turns up, the
+    shard ends after EARLY_STOPPING_PATIENCE evaluations without improvement, and the published
+    model is the best evaluation's (its validation loss measured again equals the best one)."""
+    env = {k: v for k, v in env.items() if k != "SHARD_STEPS"} | {
+        "SHARD_SIZE": "40", "EPOCHS": "40", "LEARNING_RATE": "3e-3", "WARMUP_RATIO": "0", "EVAL_INTERVAL": "4",
+        "EARLY_STOPPING_PATIENCE": "3", "MAX_RUNS": "1"}
+    p = run(["./trainer.sh"], env, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    h = record(env["OUTPUT_REPO"])["history"][-1]
+    losses = [loss for _, loss in h["evals"]]
+    assert "early_stopped_at" in h and f"early stopping at step {h['early_stopped_at']}" in p.stdout, h
+    assert h["best_eval_loss"] == min(losses) and h["evals"][losses.index(min(losses))][0] == h["best_step"]
+    assert all(loss >= h["best_eval_loss"] for loss in losses[-3:])  # the patience ran out
+    assert abs(h["eval_loss"] - h["best_eval_loss"]) < 1e-6 < h["last_step_eval_loss"] - h["eval_loss"]
+    assert "the published model is the best evaluation's" in p.stdout
+    run_dir = next(d for d in (Path(env["OUTPUT_REPO"]) / "runs").iterdir() if d.is_dir())
+    assert len(_scalars(run_dir)["eval/loss"]) == len(h["evals"]) + 1  # and the one before training
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert samples and {"step", "prompt", "completion"} <= set(samples[0])
+
+
 def test_sigkill_while_the_checkpoint_is_saved_loses_nothing(env):
     """SIGTERM, then SIGKILL to every process the moment the trainer says it is saving: whatever
     was published stays loadable and the next run finishes the shard."""
