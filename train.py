@@ -25,6 +25,7 @@ from typing import Any
 
 import redact
 import status_page
+from util import link_or_copy
 from config import EXIT_BAD_INPUT, BadInput, failure_exit, quiet_disk_full_in_threads, RunFailure, Settings, deepspeed_config, load_settings, report, resolve_precision
 
 DATA_ORDER = "data_order.json"
@@ -404,7 +405,7 @@ class PeriodicCheckpoint:
         snapshot = self.work / "periodic" / checkpoint.name
         if snapshot.exists():
             shutil.rmtree(snapshot)
-        shutil.copytree(checkpoint, snapshot, copy_function=_link_or_copy)
+        shutil.copytree(checkpoint, snapshot, copy_function=link_or_copy)
         metrics = self.metrics(state)
         self.upload = threading.Thread(target=self._publish, args=(snapshot, metrics, save_s),
                                        name="publish-checkpoint", daemon=True)
@@ -445,13 +446,6 @@ class PeriodicCheckpoint:
         if self.upload is not None and self.upload.is_alive():
             log("waiting for the periodic checkpoint's publish under way to finish")
             self.upload.join()
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
 
 
 def fit(s: Settings, work: Path) -> int:
@@ -746,7 +740,7 @@ def save_checkpoint(trainer, work: Path, metrics: dict[str, Any]) -> None:
     if src is None:
         raise RuntimeError(f"the trainer saved no checkpoint under {work / 'trainer'}")
     def fill(staged: Path) -> None:
-        shutil.copytree(src, staged / "last-checkpoint", copy_function=_link_or_copy)
+        shutil.copytree(src, staged / "last-checkpoint", copy_function=link_or_copy)
         if (work / "runs").exists():  # this run's TensorBoard traces, published with the checkpoint
             shutil.copytree(work / "runs", staged / "runs")
 
