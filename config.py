@@ -47,6 +47,7 @@ MODEL_PRESETS: dict[str, dict[str, int] | int] = {
 }
 
 
+TRACKERS = ("tensorboard", "trackio", "wandb")  # REPORT_TO: each through transformers' integration
 # Every linear projection of a Llama block: the default LoRA targets.
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -326,6 +327,9 @@ class Settings(BaseSettings):
     best_model: bool = _env(
         "BEST_MODEL", default=True,
         description="When evaluating during training, publish the weights of the best evaluation rather than the last step's (the history records best_step and both losses).")
+    report_to: str = _env(
+        "REPORT_TO", default="tensorboard",
+        description="Where training metrics go, comma-separated: tensorboard (runs/ in the output, the Hub's metrics tab), trackio (local, or a Space with TRACKIO_SPACE_ID), wandb (offline in WORK_DIR/wandb unless WANDB_API_KEY is set), none. Project: OUTPUT_REPO's name; run: stage, shard, first step, run id.")
     shard_steps: int | None = _env(
         "SHARD_STEPS", default=None, ge=1,
         description="Optimizer steps per shard instead of EPOCHS passes over it (a quick try, a fixed budget): fewer steps than the shard holds skip the rest of its data, more repeat it. The history records both counts.")
@@ -400,6 +404,26 @@ class Settings(BaseSettings):
             raise ValueError(f"expected one of {', '.join(MODEL_PRESETS)}")
         return v
 
+    @field_validator("report_to")
+    @classmethod
+    def _trackers(cls, v: str) -> str:
+        names = [n.strip().lower() for n in v.split(",") if n.strip()]
+        unknown = [n for n in names if n not in TRACKERS + ("none",)]
+        if unknown or not names:
+            raise ValueError(f"expected a comma-separated list of {', '.join(TRACKERS)}, or none")
+        if "none" in names and len(names) > 1:
+            raise ValueError("none cannot be combined with a tracker")
+        return ",".join(dict.fromkeys(names))
+
+    @property
+    def trackers(self) -> list[str]:
+        """The trackers REPORT_TO names, in its order ([] for none)."""
+        return [n for n in self.report_to.split(",") if n != "none"]
+
+    def tracker_project(self) -> str:
+        """The trackers' project: the output's name (both stages of a pipeline log to one project)."""
+        return self.output_repo.rstrip("/").rsplit("/", 1)[-1] or "train-llama"
+
     @field_validator("startup_duration_timeout", "time_budget")
     @classmethod
     def _duration(cls, v: str | None) -> str | None:
@@ -461,7 +485,8 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
     if env is not None:
         os.environ.clear()
         os.environ.update(env)
-    redact.add(os.environ.get("HF_TOKEN"))
+    for secret in ("HF_TOKEN", "WANDB_API_KEY", "TRACKIO_WRITE_TOKEN"):
+        redact.add(os.environ.get(secret))
     try:
         try:
             s = Settings()

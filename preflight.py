@@ -4,8 +4,9 @@
 
 Sections: settings (every problem at once), run state (what this run will do, and that the model it
 continues from is there), data (the dataset of this stage readable, with the expected columns and
-row format), output (writable), hardware (GPUs with memory and bf16, CPU features, RAM), memory
-(the estimated peak of this run against the memory it has, and what would make it fit), disk
+row format), output (writable), tracking (REPORT_TO's libraries installed, where the metrics go),
+hardware (GPUs with memory and bf16, CPU features, RAM), memory (the estimated peak of this run
+against the memory it has, and what would make it fit), disk
 (what the run writes against the free space). Exit 0 when the run can go, 2 when an input must be
 fixed. Loads no weights.
 """
@@ -117,6 +118,33 @@ def check_output(s: Settings) -> Check:
     else:
         where = f"Hub repos {s.output_repo} and {s.output_repo}-it ({'private' if s.private else 'public'} when created)"
     return Check("output", True, f"writable: {where}" + (f"; Space {s.space_id} variables writable" if s.space_id else ""))
+
+
+def check_tracking(s: Settings) -> Check:
+    """REPORT_TO: each tracker's library installed, and where its metrics will go."""
+    import importlib.util
+
+    if not s.trackers:
+        return Check("tracking", True, "REPORT_TO=none: metrics only in the log and the record's history")
+    missing = [t for t in s.trackers if importlib.util.find_spec(t) is None]
+    if missing:
+        return Check("tracking", False, f"REPORT_TO names {', '.join(missing)}, not installed", [
+            f"REPORT_TO={s.report_to}: the {t} package is missing. Fix: install requirements.txt (it pins {t}), or drop "
+            f"{t} from REPORT_TO." for t in missing])
+    where = []
+    for t in s.trackers:
+        if t == "tensorboard":
+            where.append("tensorboard: runs/ in the published output (the Hub's metrics tab)")
+        elif t == "trackio":
+            space = os.environ.get("TRACKIO_SPACE_ID")
+            local = os.environ.get("TRACKIO_DIR") or str(Path(os.environ.get("HF_HOME", "~/.cache/huggingface"), "trackio"))
+            where.append(f"trackio: Space {space}" if space else f"trackio: local, {local} (view: trackio show)")
+        else:
+            key = bool(os.environ.get("WANDB_API_KEY"))
+            mode = os.environ.get("WANDB_MODE") or ("online" if key else "offline")
+            where.append(f"wandb: {mode}" + (f", {Path(os.environ.get('WANDB_DIR') or s.work_dir) / 'wandb'} "
+                                             "(upload later: wandb sync)" if mode == "offline" else ""))
+    return Check("tracking", True, f"project {s.tracker_project()!r}; " + "; ".join(where))
 
 
 def check_hardware(s: Settings) -> Check:
@@ -266,6 +294,7 @@ def run_checks() -> list[Check]:
     guarded("run state", planned(check_plan))
     data = guarded("data", planned(check_data))
     guarded("output", lambda: check_output(s))
+    guarded("tracking", lambda: check_tracking(s))
     guarded("hardware", lambda: check_hardware(s))
     guarded("memory", planned(check_memory))
     guarded("disk", planned(check_disk, data.data.get("rows")))

@@ -116,8 +116,7 @@ def build_trainer(s: Settings, prepared: Path, out: Path, precision: str, callba
     else:
         model = AutoModelForCausalLM.from_pretrained(prepared / "model", dtype=torch.float32, attn_implementation="sdpa")
     cpu = not torch.cuda.is_available()
-    # transformers' TensorBoard callback takes its directory from this variable only.
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "runs" / tensorboard_run(json.loads((prepared / "manifest.json").read_text())))
+    configure_trackers(s, out, manifest)
     args = SFTConfig(
         output_dir=str(out / "trainer"),
         per_device_train_batch_size=s.batch_size,
@@ -138,7 +137,10 @@ def build_trainer(s: Settings, prepared: Path, out: Path, precision: str, callba
         seed=s.seed,
         data_seed=s.seed,
         logging_steps=max(1, min(50, len(train_ds) // (s.batch_size * 20) or 1)),
-        report_to=["tensorboard"],
+        report_to=s.trackers or "none",
+        project=s.tracker_project(),
+        run_name=tensorboard_run(manifest),
+        trackio_static_space_id=False,  # no new static Space per run of a chain: the live one is the record
         save_strategy="no",  # saves are decided by TimeBudget: a stop, or a periodic checkpoint
         save_total_limit=1,  # older checkpoints go (a periodic one being published is a hard-linked snapshot)
         eval_strategy="no",
@@ -166,20 +168,62 @@ def tensorboard_run(manifest: dict[str, Any]) -> str:
             f"{manifest['run_id'][:8]}")
 
 
-def log_validation_loss(work: Path, manifest: dict[str, Any], step: int, loss: float,
-                        texts: list[dict[str, str]] | None = None) -> None:
-    """Validation loss into this run's TensorBoard traces (eval/loss), beside the trainer's train/*;
-    with the sample generations of that evaluation (TensorBoard text, and samples.jsonl)."""
-    from torch.utils.tensorboard import SummaryWriter
+def configure_trackers(s: Settings, work: Path, manifest: dict[str, Any]) -> None:
+    """The environment transformers' tracker integrations read (REPORT_TO), set before the trainer
+    exists; what the user set wins. W&B runs offline into WORK_DIR/wandb unless a key is given, and
+    never captures the console (its capture would see lines before secrets are masked)."""
+    # transformers' TensorBoard callback takes its directory from this variable only.
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(work / "runs" / tensorboard_run(manifest))
+    if "wandb" in s.trackers:
+        os.environ.setdefault("WANDB_PROJECT", s.tracker_project())
+        os.environ.setdefault("WANDB_DIR", str(work.resolve()))
+        if not os.environ.get("WANDB_API_KEY"):
+            os.environ.setdefault("WANDB_MODE", "offline")
+        os.environ["WANDB_CONSOLE"] = "off"
 
+
+def finish_trackers() -> None:
+    """End this process's trackio / W&B run (flushes what is buffered; a no-op when none is open).
+    A tracker that cannot finish (its server unreachable) costs a log line, never the run."""
+    for name, is_open in (("wandb", lambda m: m.run is not None),
+                          ("trackio", lambda m: m.context_vars.current_run.get() is not None)):
+        try:
+            if name in sys.modules and is_open(sys.modules[name]):
+                sys.modules[name].finish()
+        except Exception as e:  # noqa: BLE001 - the model is saved; the tracker's loss is reported
+            log(f"{name} could not finish its run ({type(e).__name__}: {e}); the model and the record are not affected")
+
+
+def log_validation_loss(trainer, s: Settings, work: Path, manifest: dict[str, Any], step: int, loss: float,
+                        texts: list[dict[str, str]] | None = None) -> None:
+    """Validation loss (eval/loss at `step`) into TensorBoard and the trackers, through the trainer's
+    log as its train/* go; the sample generations of that evaluation into samples.jsonl beside the
+    traces and into each tracker as text. Rank 0 only."""
+    # Logged at trainer.state.global_step, which is `step`. A log event resets the trainer's control
+    # flags (should_log): on rank 0 alone, that would skip the training log's collective that the
+    # other ranks make. They are put back as they were.
+    flags = dict(vars(trainer.control))
+    trainer.log({"eval_loss": loss})
+    vars(trainer.control).update(flags)
+    if not texts:
+        return
     run = work / "runs" / tensorboard_run(manifest)
-    with SummaryWriter(log_dir=str(run)) as w:
-        w.add_scalar("eval/loss", loss, step)
-        for i, t in enumerate(texts or []):
-            w.add_text(f"samples/{i}", f"**{t['prompt']}** {t['completion']}", step)
-    if texts:
-        with (run / "samples.jsonl").open("a") as f:
-            f.writelines(json.dumps({"step": step, **t}) + "\n" for t in texts)
+    run.mkdir(parents=True, exist_ok=True)
+    with (run / "samples.jsonl").open("a") as f:
+        f.writelines(json.dumps({"step": step, **t}) + "\n" for t in texts)
+    if "tensorboard" in s.trackers:
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(log_dir=str(run)) as w:
+            for i, t in enumerate(texts):
+                w.add_text(f"samples/{i}", f"**{t['prompt']}** {t['completion']}", step)
+    rows = [[t["prompt"], t["completion"]] for t in texts]
+    if "wandb" in s.trackers and "wandb" in sys.modules and sys.modules["wandb"].run is not None:
+        wandb = sys.modules["wandb"]
+        wandb.log({"eval/samples": wandb.Table(columns=["prompt", "completion"], data=rows), "train/global_step": step})
+    if "trackio" in s.trackers and "trackio" in sys.modules and sys.modules["trackio"].context_vars.current_run.get():
+        trackio = sys.modules["trackio"]
+        trackio.log({"eval/samples": trackio.Table(columns=["prompt", "completion"], data=rows), "train/global_step": step})
 
 
 def validation_loss(model, dataset, collator, batch_size: int, precision: str) -> float:
@@ -492,7 +536,7 @@ def fit(s: Settings, work: Path) -> int:
         if trainer.is_world_process_zero():
             status_page.emit("eval", tokens=int(resume.get("tokens", 0)) if resume else 0, loss=before)
             if not resume:
-                log_validation_loss(work, manifest, 0, before)
+                log_validation_loss(trainer, s, work, manifest, 0, before)
         t0 = time.perf_counter()
         if s.save_interval != 0:
             def partial(state, reason: str = "a periodic checkpoint") -> dict[str, Any]:
@@ -569,7 +613,7 @@ def fit(s: Settings, work: Path) -> int:
     # The last step's evaluation, unless an early stop made it during training (reported then).
     if trainer.is_world_process_zero() and evaluated.get("early_stopped_at") != trainer.state.global_step:
         status_page.emit("eval", tokens=tokens, loss=after)
-        log_validation_loss(work, manifest, trainer.state.global_step, metrics.get("last_step_eval_loss", after))
+        log_validation_loss(trainer, s, work, manifest, trainer.state.global_step, metrics.get("last_step_eval_loss", after))
     log(f"validation loss after training: {after:.4f} (perplexity {metrics['perplexity']:.2f}); "
         f"{metrics['steps']} steps, {tokens:,} tokens in {runtime:.0f} s ({metrics['tokens_per_s']:,.0f} tokens/s)")
     metrics["data_order_sha256"] = hashlib.sha256(json.dumps(trainer.batch_digests).encode()).hexdigest()
@@ -620,7 +664,7 @@ def make_evaluator(s: Settings, trainer, tok, work: Path, manifest: dict[str, An
         if not rank0:
             return
         status_page.emit("eval", tokens=int(trainer.state.num_input_tokens_seen), loss=loss)
-        log_validation_loss(work, manifest, step, loss, samples(model, tok, manifest["plan"]["stage"] == "instruct"))
+        log_validation_loss(trainer, s, work, manifest, step, loss, samples(model, tok, manifest["plan"]["stage"] == "instruct"))
 
     evaluator = Evaluator(interval, s.early_stopping_patience, s.best_model, measure, save_best,
                           lambda path: load_trainable(model, path), work, log)
@@ -836,6 +880,8 @@ def main(argv: list[str] | None = None) -> int:
         return fit(s, work)
     except Exception as e:  # noqa: BLE001 - failure_exit re-raises what is not bad input, a RunFailure or a full disk
         return failure_exit(e)
+    finally:
+        finish_trackers()
 
 
 if __name__ == "__main__":

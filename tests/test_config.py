@@ -56,6 +56,7 @@ CASES = {
     "HUB_RETRIES": ("3", 3, "-1"),
     "HUB_RETRY_WAIT": ("0.5", 0.5, "-1"),
     "HUB_TIMEOUT": ("30", 30.0, "0"),
+    "REPORT_TO": ("wandb, TensorBoard", "wandb,tensorboard", "mlflow"),
     "PORT": ("8080", 8080, "0"),
     "KEEP_SERVING": ("true", True, "sometimes"),
 }
@@ -190,3 +191,28 @@ def test_a_space_needs_the_token():
     assert any("SPACE_ID" in p and "HF_TOKEN" in p for p in e.value.problems)
     s = load_settings({"SPACE_ID": "alice/trainer", "HF_TOKEN": "hf_x", "OUTPUT_REPO": "alice/llama"})
     assert s.space_id == "alice/trainer" and "hf_x" not in str(s.redacted())
+
+
+@pytest.mark.parametrize("value,trackers", [("tensorboard", ["tensorboard"]), ("none", []), ("NONE", []),
+                                            ("trackio,wandb,trackio", ["trackio", "wandb"])])
+def test_report_to_lists_the_trackers(value, trackers):
+    assert load_settings({"REPORT_TO": value}).trackers == trackers
+
+
+@pytest.mark.parametrize("value", ["none,wandb", ",", "tensorboard;wandb"])
+def test_report_to_refuses_what_it_cannot_mean(value):
+    with pytest.raises(SettingsError) as e:
+        load_settings({"REPORT_TO": value})
+    assert "REPORT_TO" in str(e.value.problems)
+
+
+def test_the_trackers_project_is_the_outputs_name():
+    assert load_settings({"OUTPUT_REPO": "someone/tiny-llama", "HF_TOKEN": "hf_" + "x" * 30}).tracker_project() == "tiny-llama"
+    assert load_settings({"OUTPUT_REPO": "./output/llama/"}).tracker_project() == "llama"
+
+
+def test_tracker_keys_are_masked_like_the_token():
+    import redact
+
+    load_settings({"WANDB_API_KEY": "wandb-key-0123456789abcdef"})
+    assert "wandb-key-0123456789abcdef" not in redact.mask("key: wandb-key-0123456789abcdef")

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +26,8 @@ def done(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipeline")
     env = make_env(tmp)
     env["HF_TOKEN"] = TOKEN  # set but unused (local output): must still never be written anywhere
+    # every tracker: trackio locally, W&B offline (no WANDB_API_KEY), TensorBoard into runs/
+    env.update({"REPORT_TO": "tensorboard,trackio,wandb", "TRACKIO_DIR": str(tmp / "trackio")})
     p = run(["./trainer.sh"], env, timeout=900)
     assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-6000:]
     return env, p
@@ -68,6 +71,62 @@ def test_runs_holds_the_traces_of_every_run_of_the_pipeline(done):
     assert (it / "data_order.json").exists()
 
 
+def _wandb_records(run_file: Path):
+    """The records of an offline W&B run (its .wandb file: a header, then 32 KiB blocks of
+    [crc32, length, kind] framed protobuf records)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, pos, buf = run_file.read_bytes(), 7, b""
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a record header is padding
+            pos += 32768 - pos % 32768
+            continue
+        _, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0:
+            break
+        buf, pos = buf + data[pos + 7:pos + 7 + n], pos + 7 + n
+        if kind in (1, 4):  # a whole record, or the last piece of one
+            record = pb.Record()
+            record.ParseFromString(buf)
+            buf = b""
+            yield record
+
+
+def test_trackers_hold_every_run_of_the_pipeline(done):
+    """REPORT_TO=tensorboard,trackio,wandb: trackio (local) and W&B (offline) each hold one run per
+    run of the pipeline, named as its runs/ folder, in one project named after the output, with the
+    training loss, the validation loss from before the first step to the last, and sample texts."""
+    env, p = done
+    names = sorted(d.name for d in (Path(env["OUTPUT_REPO"] + "-it") / "runs").iterdir() if d.is_dir())
+    # trackio's own reader, in a process of its own: it fixes its directory (TRACKIO_DIR) at import
+    read = run([sys.executable, "-c", "import json; from trackio.sqlite_storage import SQLiteStorage as S; print(json.dumps("
+                "{r: S.get_logs('llama', r) for p in S.get_projects() for r in S.get_runs(p)}, default=str))"],
+               {**os.environ, "TRACKIO_DIR": env["TRACKIO_DIR"]}, check=True)
+    trackio_runs = json.loads(read.stdout.strip().splitlines()[-1])
+    assert sorted(trackio_runs) == names
+    for name, logs in trackio_runs.items():
+        evals = [(row["train/global_step"], row["eval/loss"]) for row in logs if "eval/loss" in row]
+        assert evals[0][0] == 0 and evals[-1][0] == 6 and evals[-1][1] < evals[0][1], (name, evals)
+        assert any("train/loss" in row for row in logs) and any("eval/samples" in row for row in logs)
+    wandb_runs = sorted(Path(env["WORK_DIR"], "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(wandb_runs) == 3 and "wandb sync" in p.stdout + p.stderr
+    seen = []
+    for run_file in wandb_runs:
+        records = list(_wandb_records(run_file))
+        header = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+        seen.append(header.display_name)
+        assert header.project == "llama"
+        keys = [{"/".join(i.nested_key) or i.key: i.value_json for i in r.history.item}
+                for r in records if r.WhichOneof("record_type") == "history"]
+        evals = [(json.loads(k["train/global_step"]), json.loads(k["eval/loss"])) for k in keys if "eval/loss" in k]
+        assert evals[0][0] == 0 and evals[-1][0] == 6 and evals[-1][1] < evals[0][1], (header.display_name, evals)
+        assert any("train/loss" in k for k in keys) and any("eval/samples/_type" in k for k in keys)
+    assert sorted(seen) == names
+
+
 def test_published_models_load_and_chat(done):
     from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
@@ -98,7 +157,7 @@ def test_published_models_load_and_chat(done):
 def test_token_is_written_nowhere(done):
     env, p = done
     assert TOKEN not in p.stdout and TOKEN not in p.stderr
-    for root in (env["OUTPUT_REPO"], env["OUTPUT_REPO"] + "-it", env["WORK_DIR"]):
+    for root in (env["OUTPUT_REPO"], env["OUTPUT_REPO"] + "-it", env["WORK_DIR"], env["TRACKIO_DIR"]):
         for f in Path(root).rglob("*"):
             if f.is_file():
                 assert TOKEN.encode() not in f.read_bytes(), f

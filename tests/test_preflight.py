@@ -21,7 +21,7 @@ def test_default_passes_fast_with_a_memory_estimate(env):
     rc, report, checks = _report(env)
     assert rc == 0 and report["ok"], report
     assert report["seconds"] <= 10
-    assert list(checks) == ["settings", "run state", "data", "output", "hardware", "memory", "disk"]
+    assert list(checks) == ["settings", "run state", "data", "output", "tracking", "hardware", "memory", "disk"]
     mem = report["memory"]
     assert 0 < mem["estimated_peak_bytes"] < mem["available_bytes"] and mem["fits"]
     assert mem["estimated_peak_bytes"] == mem["runtime_bytes"] + mem["training_bytes"]
@@ -32,7 +32,7 @@ def test_default_passes_fast_with_a_memory_estimate(env):
 def test_readable_report_marks_each_section(env):
     p = run(py("preflight.py"), env, timeout=60)
     assert p.returncode == 0
-    for section in ("settings", "run state", "data", "output", "hardware", "memory", "disk"):
+    for section in ("settings", "run state", "data", "output", "tracking", "hardware", "memory", "disk"):
         assert f"[ok] {section}:" in p.stdout
     assert "the run can go" in p.stdout
 
@@ -121,3 +121,25 @@ def test_estimate_scales_as_it_should():
     assert c.per_rank["activations"] < one.per_rank["activations"] / 4
     b16 = estimate(arch, **{**base, "batch": 16})
     assert b16.per_rank["activations"] == pytest.approx(2 * one.per_rank["activations"], rel=0.01)
+
+
+def test_a_tracker_that_is_not_installed_fails_the_tracking_check(env, monkeypatch):
+    import importlib.util
+
+    import preflight
+
+    env["REPORT_TO"] = "tensorboard,wandb"
+    _in_process(env, monkeypatch)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    check = preflight.check_tracking(preflight.load_settings())
+    assert not check.ok and "wandb" in check.finding and any("REPORT_TO" in f for f in check.fixes)
+
+
+def test_the_tracking_check_says_where_the_metrics_go(env, monkeypatch):
+    import preflight
+
+    env.update({"REPORT_TO": "trackio,wandb", "TRACKIO_DIR": "/tmp/tracks"})
+    _in_process(env, monkeypatch)
+    check = preflight.check_tracking(preflight.load_settings())
+    assert check.ok and "/tmp/tracks" in check.finding and "wandb: offline" in check.finding and "'llama'" in check.finding
