@@ -356,7 +356,8 @@ def make_budget_callback(started: float, until: float, run_steps: int | None = N
             if dist.is_available() and dist.is_initialized():
                 import torch
 
-                flags = torch.tensor([why, 0.0 if due else 1.0])  # due only when every rank says so
+                # Rank 0 decides whether a checkpoint is due: it alone publishes and knows what one costs.
+                flags = torch.tensor([why, (0.0 if due else 1.0) if dist.get_rank() == 0 else 0.0])
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX)
                 why, due = float(flags[0].item()), flags[1].item() == 0.0
             if state.global_step >= state.max_steps:
@@ -398,7 +399,11 @@ class PeriodicCheckpoint:
     due only when the previous upload is done, so at most one is in flight and none is skipped for
     long; a failed upload is logged and the next checkpoint tries again (each publish is atomic: a
     local swap or one Hub commit). Unset, the interval is 20x the checkpoint's save time (saving is
-    at most 5 % of training), at least 10 minutes, re-measured at each save."""
+    at most 5 % of training), at least 10 minutes, re-measured at each save.
+
+    The interval runs from the step the last checkpoint holds (or this run's first step), and a save
+    starts early by what the last save and publish took: a kill at any moment loses at most about
+    the interval of training, the save and publish under way included."""
 
     MIN_AUTO_S = 600.0
     SHARE = 0.05  # of training time spent saving, at most, when the interval is automatic
@@ -410,7 +415,8 @@ class PeriodicCheckpoint:
         self.estimated_save_s = 1.0 + checkpoint_bytes / 200e6
         self.interval_s = (max(self.MIN_AUTO_S, self.estimated_save_s / self.SHARE) if self.auto
                            else s.save_interval * 60)
-        self.mark = time.time()
+        self.mark = time.time()  # when the training the last checkpoint holds ended (or this run's training began)
+        self.cost_s = self.estimated_save_s  # the last save + publish (the estimate until one is measured)
         self.save_began: float | None = None
         self.upload = None  # the background publish under way
         self.published: list[dict[str, Any]] = []  # {step, save_s, upload_s} per published checkpoint
@@ -430,7 +436,8 @@ class PeriodicCheckpoint:
 
     def due(self) -> bool:
         busy = self.upload is not None and self.upload.is_alive()
-        return self.conflict is None and not busy and time.time() - self.mark >= self.interval_s
+        lead = min(self.cost_s, self.interval_s / 2)
+        return self.conflict is None and not busy and time.time() - self.mark >= self.interval_s - lead
 
     def saving(self, step: int) -> None:
         self.save_began = time.time()
@@ -440,7 +447,7 @@ class PeriodicCheckpoint:
         import threading
 
         save_s = time.time() - (self.save_began or time.time())
-        self.mark = time.time()
+        self.mark = self.save_began or time.time()
         if self.auto and save_s / self.SHARE > self.interval_s:
             self.interval_s = save_s / self.SHARE
             log(f"the save took {save_s:.1f} s: periodic checkpoints now every {self.interval_s / 60:.1f} min")
@@ -469,6 +476,7 @@ class PeriodicCheckpoint:
                 return
             record = publish_periodic(self.s, self.work, snapshot, metrics)
             upload_s = time.time() - t
+            self.cost_s = save_s + upload_s
             self.published.append({"step": step, "save_s": round(save_s, 2), "upload_s": round(upload_s, 2)})
             where = where_published(self.target)
             log(f"periodic checkpoint at step {step} published to {where}/last-checkpoint (saved in {save_s:.1f} s, "
@@ -538,15 +546,17 @@ def fit(s: Settings, work: Path) -> int:
             if not resume:
                 log_validation_loss(trainer, s, work, manifest, 0, before)
         t0 = time.perf_counter()
-        if s.save_interval != 0:
-            def partial(state, reason: str = "a periodic checkpoint") -> dict[str, Any]:
-                return {"run_id": manifest["run_id"], "partial": True, "data_fingerprint": manifest["data_fingerprint"],
-                        "stop_reason": reason, "step": state.global_step, "max_steps": state.max_steps,
-                        "eval_loss_before": before,
-                        "samples_seen": state.global_step * s.batch_size * s.gradient_accumulation_steps * world,
-                        "tokens": int(state.num_input_tokens_seen), "train_runtime_s": time.perf_counter() - t0,
-                        "first_step_s": budget.first_step_s}
 
+        def partial(state, reason: str = "a periodic checkpoint") -> dict[str, Any]:
+            """The metrics of a checkpoint mid-shard (periodic, or a stop) at the trainer's `state`."""
+            return {"run_id": manifest["run_id"], "partial": True, "data_fingerprint": manifest["data_fingerprint"],
+                    "stop_reason": reason, "step": state.global_step, "max_steps": state.max_steps,
+                    "eval_loss_before": before,
+                    "samples_seen": state.global_step * s.batch_size * s.gradient_accumulation_steps * world,
+                    "tokens": int(state.num_input_tokens_seen), "train_runtime_s": time.perf_counter() - t0,
+                    "first_step_s": budget.first_step_s, "tensorboard_run": tensorboard_run(manifest)}
+
+        if s.save_interval != 0:
             weights = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
             budget.periodic = PeriodicCheckpoint(s, work, plan["target"], weights + 12 * trainable, partial,
                                                  trainer.is_world_process_zero())
@@ -581,12 +591,7 @@ def fit(s: Settings, work: Path) -> int:
             "to publish as last-checkpoint/ (the next run resumes here; the state does not advance)")
         if trainer.is_world_process_zero():
             refuse_non_finite(trainer.accelerator.unwrap_model(trainer.model_wrapped), None)
-            save_checkpoint(trainer, work, {
-                "run_id": manifest["run_id"], "partial": True, "data_fingerprint": manifest["data_fingerprint"],
-                "stop_reason": budget.stopped, "step": step, "max_steps": trainer.state.max_steps, "eval_loss_before": before,
-                "samples_seen": step * s.batch_size * s.gradient_accumulation_steps * world,
-                "tokens": int(trainer.state.num_input_tokens_seen), "train_runtime_s": runtime,
-                "first_step_s": budget.first_step_s, "tensorboard_run": tensorboard_run(manifest)})
+            save_checkpoint(trainer, work, {**partial(trainer.state, budget.stopped), "train_runtime_s": runtime})
         trainer.accelerator.wait_for_everyone()
         return 0
     tokens = int(trainer.state.num_input_tokens_seen)

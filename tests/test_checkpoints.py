@@ -35,7 +35,7 @@ def test_a_checkpoint_is_due_after_the_interval_and_never_while_one_is_uploading
     monkeypatch.setattr(train.time, "time", lambda: clock[0])
     p = _periodic(tmp_path, 10**6, SAVE_INTERVAL="1")
     p.begin()
-    clock[0] += 59
+    clock[0] += 59 - p.cost_s  # the save starts early by its estimated cost
     assert not p.due()
     clock[0] += 2
     assert p.due()
@@ -46,6 +46,27 @@ def test_a_checkpoint_is_due_after_the_interval_and_never_while_one_is_uploading
     release.set()
     p.upload.join()
     assert p.due()
+
+
+def test_the_interval_runs_from_the_checkpoints_step_less_what_saving_and_publishing_took(tmp_path, monkeypatch):
+    """A kill just before a publish ends loses the interval, not the interval plus the save and
+    the publish: the next save is due the interval after the last checkpoint's step, less what the
+    last save and publish took."""
+    clock = [1000.0]
+    monkeypatch.setattr(train.time, "time", lambda: clock[0])
+    p = _periodic(tmp_path, 10**6, SAVE_INTERVAL="1")
+    p.saving(5)
+    clock[0] += 3  # the save
+    p.saved(tmp_path / "checkpoint-5", SimpleNamespace(global_step=5))
+    assert p.mark == 1000.0
+    p.cost_s = 3 + 4  # and its publish took 4 s
+    clock[0] = 1000.0 + 60 - 7 - 0.5
+    assert not p.due()
+    clock[0] += 1
+    assert p.due()
+    p.cost_s = 1000  # a cost above half the interval never makes saving continuous
+    clock[0] = 1000.0 + 29
+    assert not p.due()
 
 
 def test_a_slow_save_stretches_the_automatic_interval_not_a_chosen_one(tmp_path, monkeypatch):
