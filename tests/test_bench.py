@@ -57,13 +57,20 @@ def test_memory_bench(env):
 
 def test_resume_bench(env):
     """Two budget stops and a SIGTERM, then the rest: the same batches in the same order, the same
-    optimizer steps, the final validation loss within 1% of one uninterrupted run."""
-    out = _json(run([sys.executable, "bench/resume.py", "--rows", "200", "--epochs", "2"], env, timeout=1500))
+    optimizer steps, the final validation loss within 1% of one uninterrupted run. A kill -9 with
+    periodic checkpoints loses at most about the interval; early stopping publishes the best model."""
+    out = _json(run([sys.executable, "bench/resume.py", "--rows", "200", "--epochs", "4", "--kills", "1",
+                     "--save-interval", "0.05"], env, timeout=1500))
     assert [s["by"] for s in out["stops"]] == ["the time budget", "the time budget", "a stop signal"], out
     assert out["sigterm_exit"] == 3 and out["interruptions"] == 3
     assert out["same_batches_in_order"] and out["steps_chain"] == out["steps_one_run"]
     assert out["eval_loss_rel_diff"] <= 0.01
     assert out["first_resumed_step_s"] > 0 and not out["checkpoint_left_after_finish"]
+    # lost: at most the interval, plus a save and a publish under way when the kill came (a few steps)
+    assert len(out["kills"]) == 1 and 0 <= out["kill9_max_lost_s"] <= out["save_interval_s"] + 20 * out["step_s"] + 5
+    assert out["kill9_same_batches_in_order"] and out["kill9_steps"] == out["steps_one_run"]
+    assert out["kill9_final_loss_delta_pct"] <= 1 and out["periodic_saves"] >= 1 and 0 < out["save_overhead_pct"] <= 5
+    assert out["early_stop_best_equals_published"] is True, out
 
 
 def test_hub_faults_bench(env):
