@@ -499,6 +499,13 @@ class Hub:
         huggingface_hub.utils.disable_progress_bars()  # one line per publish, not one bar per file
 
         timeout = s.hub_timeout
+        # A download with no cached copy whose metadata request timed out is retried by the client
+        # itself with a fixed 60 s timeout: HUB_TIMEOUT would not hold there, and a stalled Hub would
+        # hold each read for a minute per attempt. Our retries (HUB_RETRIES) cover that case.
+        from huggingface_hub import file_download
+
+        if hasattr(file_download, "_ETAG_RETRY_TIMEOUT"):
+            file_download._ETAG_RETRY_TIMEOUT = timeout
         huggingface_hub.set_client_factory(lambda: httpx2.Client(
             event_hooks={"request": [hf_request_event_hook]}, follow_redirects=True,
             timeout=httpx2.Timeout(timeout, connect=min(timeout, 30.0))))

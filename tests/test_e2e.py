@@ -151,7 +151,7 @@ def test_published_models_load_and_chat(done):
     gen = model.generate(**enc, max_new_tokens=5, do_sample=False)
     assert gen.shape[1] > enc["input_ids"].shape[1]
     card = (Path(env["OUTPUT_REPO"] + "-it") / "README.md").read_text()
-    assert "validation" in card.lower() and "from_pretrained" in card or "pipeline(" in card
+    assert "validation loss" in card.lower() and f'pipeline("text-generation", model="{env["OUTPUT_REPO"]}-it")' in card
 
 
 def test_token_is_written_nowhere(done):

@@ -209,3 +209,23 @@ def test_periodic_checkpoints_are_commits_a_failed_one_is_retried_later_and_the_
     assert not any(f.startswith("last-checkpoint/") for f in files)
     record = json.loads(files["training_state.json"])
     assert record["next"] == {"inst": False, "init": 1} and "resume" not in record
+
+
+@pytest.mark.slow
+def test_a_read_that_stalls_past_hub_timeout_fails_even_with_no_cached_copy(hub, tmp_path):
+    """With no cached copy, the client retries a timed-out metadata request itself with a fixed
+    60 s timeout; HUB_TIMEOUT holds there too: a read stalled past it is a Hub that did not answer
+    (retried by HUB_RETRIES, then HubError), not a wait of a minute per attempt. (Without the rule
+    this read waits out the 3 s stall and succeeds.)"""
+    sha = hub.seed("alice/llama", {"training_state.json": b"{}"})
+    env = {**hub_env(tmp_path, hub), "HUB_TIMEOUT": "1", "HUB_RETRIES": "0"}
+    head = hub.fail("HEAD", r"/resolve/.*training_state", kind="delay", seconds=3, times=10**6)
+    hub.fail("GET", r"/resolve/.*training_state", kind="delay", seconds=3, times=10**6)
+    code = ("from config import load_settings; from util import Hub, HubError\n"
+            "try:\n"
+            f"    Hub(load_settings()).read_text('alice/llama', 'training_state.json', revision={sha!r}); print('read')\n"
+            "except HubError:\n"
+            "    print('HubError')\n")
+    p = run([sys.executable, "-c", code], env, timeout=300)
+    assert p.stdout.strip().splitlines()[-1] == "HubError", p.stdout + p.stderr
+    assert head.fired >= 1
