@@ -137,7 +137,8 @@ def check_tracking(s: Settings) -> Check:
             where.append("tensorboard: runs/ in the published output (the Hub's metrics tab)")
         elif t == "trackio":
             space = os.environ.get("TRACKIO_SPACE_ID")
-            local = os.environ.get("TRACKIO_DIR") or str(Path(os.environ.get("HF_HOME", "~/.cache/huggingface"), "trackio"))
+            local = os.environ.get("TRACKIO_DIR") or str(Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"),
+                                                              "trackio"))
             where.append(f"trackio: Space {space}" if space else f"trackio: local, {local} (view: trackio show)")
         else:
             key = bool(os.environ.get("WANDB_API_KEY"))

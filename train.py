@@ -182,16 +182,22 @@ def configure_trackers(s: Settings, work: Path, manifest: dict[str, Any]) -> Non
         os.environ["WANDB_CONSOLE"] = "off"
 
 
+def open_trackers() -> list:
+    """The trackio / W&B modules with a run open in this process (transformers' integrations open
+    them; both offer log(), Table() and finish())."""
+    is_open = {"wandb": lambda m: m.run is not None, "trackio": lambda m: m.context_vars.current_run.get() is not None}
+    return [sys.modules[name] for name, test in is_open.items() if name in sys.modules and test(sys.modules[name])]
+
+
 def finish_trackers() -> None:
     """End this process's trackio / W&B run (flushes what is buffered; a no-op when none is open).
     A tracker that cannot finish (its server unreachable) costs a log line, never the run."""
-    for name, is_open in (("wandb", lambda m: m.run is not None),
-                          ("trackio", lambda m: m.context_vars.current_run.get() is not None)):
+    for tracker in open_trackers():
         try:
-            if name in sys.modules and is_open(sys.modules[name]):
-                sys.modules[name].finish()
+            tracker.finish()
         except Exception as e:  # noqa: BLE001 - the model is saved; the tracker's loss is reported
-            log(f"{name} could not finish its run ({type(e).__name__}: {e}); the model and the record are not affected")
+            log(f"{tracker.__name__} could not finish its run ({type(e).__name__}: {e}); the model and the record are "
+                "not affected")
 
 
 def log_validation_loss(trainer, s: Settings, work: Path, manifest: dict[str, Any], step: int, loss: float,
@@ -218,12 +224,8 @@ def log_validation_loss(trainer, s: Settings, work: Path, manifest: dict[str, An
             for i, t in enumerate(texts):
                 w.add_text(f"samples/{i}", f"**{t['prompt']}** {t['completion']}", step)
     rows = [[t["prompt"], t["completion"]] for t in texts]
-    if "wandb" in s.trackers and "wandb" in sys.modules and sys.modules["wandb"].run is not None:
-        wandb = sys.modules["wandb"]
-        wandb.log({"eval/samples": wandb.Table(columns=["prompt", "completion"], data=rows), "train/global_step": step})
-    if "trackio" in s.trackers and "trackio" in sys.modules and sys.modules["trackio"].context_vars.current_run.get():
-        trackio = sys.modules["trackio"]
-        trackio.log({"eval/samples": trackio.Table(columns=["prompt", "completion"], data=rows), "train/global_step": step})
+    for tracker in open_trackers():
+        tracker.log({"eval/samples": tracker.Table(columns=["prompt", "completion"], data=rows), "train/global_step": step})
 
 
 def validation_loss(model, dataset, collator, batch_size: int, precision: str) -> float:
