@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import redact
 import status_page
+from architecture import DEFAULT_PRESET, LORA_TARGETS, PRESETS, config_kwargs, count_parameters, preset_shape, shape, size_for_target
 from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
@@ -35,21 +35,7 @@ EXIT_BAD_INPUT = 2
 # when it is absent; its built-in kernel is used instead, so the warning is only noise in every log.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-# Named model sizes. "tiny" and "small" are explicit shapes (tiny: the CPU default; small: the
-# ~27M shape the throughput benchmark uses); the others are parameter targets sized by `architecture`.
-MODEL_PRESETS: dict[str, dict[str, int] | int] = {
-    "tiny": {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2},
-    "small": {"hidden_size": 512, "num_hidden_layers": 6, "num_attention_heads": 8, "num_key_value_heads": 4},
-    "125M": 125_000_000,
-    "350M": 350_000_000,
-    "1B": 1_000_000_000,
-    "3B": 3_000_000_000,
-}
-
-
 TRACKERS = ("tensorboard", "trackio", "wandb")  # REPORT_TO: each through transformers' integration
-# Every linear projection of a Llama block: the default LoRA targets.
-LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class BadInput(ValueError):
@@ -291,7 +277,7 @@ class Settings(BaseSettings):
 
     # --- model -----------------------------------------------------------------------------------
     model_size: str | None = _env("MODEL_SIZE", default=None,
-                                  description=f"Named size: {', '.join(MODEL_PRESETS)} (default tiny when no other size is set).")
+                                  description=f"Named size: {', '.join(PRESETS)} (default tiny when no other size is set).")
     target_parameters: str | None = _env("TARGET_PARAMETERS", default=None,
                                          description="Model size as a parameter count, e.g. 125M, 1.5B (1M-3B).")
     factor: int | None = _env("FACTOR", default=None, ge=64,
@@ -303,7 +289,7 @@ class Settings(BaseSettings):
     lora_r: int = _env("LORA_R", default=16, ge=1, le=1024, description="LoRA rank (USE_QUANT=true).")
     lora_alpha: float = _env("LORA_ALPHA", default=32.0, gt=0, description="LoRA scaling numerator: updates are scaled by LORA_ALPHA / LORA_R.")
     lora_dropout: float = _env("LORA_DROPOUT", default=0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
-    lora_targets: str = _env("LORA_TARGETS", default=",".join(LORA_MODULES),
+    lora_targets: str = _env("LORA_TARGETS", default=",".join(LORA_TARGETS),
                              description="Comma-separated projections that get adapters (default: every linear projection of attention and MLP).")
     batch_size: int = _env("BATCH_SIZE", default=16, ge=1, description="Sequences per device per step.")
     gradient_accumulation_steps: int = _env("GRADIENT_ACCUMULATION_STEPS", default=1, ge=1,
@@ -400,8 +386,8 @@ class Settings(BaseSettings):
     @field_validator("model_size")
     @classmethod
     def _preset(cls, v: str | None) -> str | None:
-        if v is not None and v not in MODEL_PRESETS:
-            raise ValueError(f"expected one of {', '.join(MODEL_PRESETS)}")
+        if v is not None and v not in PRESETS:
+            raise ValueError(f"expected one of {', '.join(PRESETS)}")
         return v
 
     @field_validator("report_to")
@@ -472,10 +458,10 @@ def _cross_checks(s: Settings) -> list[str]:
                         "variables and to pause it when done. Fix: add the secret HF_TOKEN (write access) in the Space settings.")
     if s.input_repo is not None and not is_local_target(s.input_repo) and not HUB_ID.fullmatch(s.input_repo):
         problems.append(f"INPUT_REPO={s.input_repo!r}: neither a local path nor a Hub repo id (owner/name).")
-    unknown = [t for t in s.lora_targets.split(",") if t.strip() not in LORA_MODULES]
+    unknown = [t for t in s.lora_targets.split(",") if t.strip() not in LORA_TARGETS]
     if unknown or not s.lora_targets.strip():
         problems.append(f"LORA_TARGETS={s.lora_targets!r}: unknown projection(s) {', '.join(map(repr, unknown)) or '(none given)'}. "
-                        f"Accepted: a comma-separated subset of {','.join(LORA_MODULES)}.")
+                        f"Accepted: a comma-separated subset of {','.join(LORA_TARGETS)}.")
     return problems
 
 
@@ -529,76 +515,19 @@ def _describe(err: dict[str, Any]) -> str:
 # --- derived configs -------------------------------------------------------------------------------
 
 
-def _layer_params(d: int, kv_dim: int, ffn: int) -> int:
-    # q and o are d×d, k and v are d×kv_dim; SwiGLU has gate, up (d×ffn) and down (ffn×d); 2 RMSNorms.
-    return 2 * d * d + 2 * d * kv_dim + 3 * d * ffn + 2 * d
-
-
-def count_parameters(arch: dict[str, int | bool]) -> int:
-    """Parameters of a Llama with this shape (the same count as sum(p.numel()) of the built model)."""
-    d, v = int(arch["hidden_size"]), int(arch["vocab_size"])
-    kv_dim = int(arch["num_key_value_heads"]) * int(arch["head_dim"])
-    emb = v * d * (1 if arch["tie_word_embeddings"] else 2)
-    return emb + int(arch["num_hidden_layers"]) * _layer_params(d, kv_dim, int(arch["intermediate_size"])) + d
-
-
-def _shape(d: int, layers: int, vocab: int, heads: int | None = None, kv_heads: int | None = None) -> dict[str, Any]:
-    """A Llama-3-style shape for hidden size d: head dim 64 (128 past 2048), GQA 4:1, SwiGLU ≈ 8/3·d."""
-    head_dim = 128 if d > 2048 and d % 128 == 0 else 64
-    heads = heads or d // head_dim
-    head_dim = d // heads
-    if kv_heads is None:
-        kv_heads = max(k for k in range(1, max(1, heads // 4) + 1) if heads % k == 0)
-    ffn = max(64, int(round(8 * d / 3 / 64)) * 64)
-    return {"hidden_size": d, "num_hidden_layers": layers, "num_attention_heads": heads,
-            "num_key_value_heads": kv_heads, "head_dim": head_dim, "intermediate_size": ffn, "vocab_size": vocab,
-            "tie_word_embeddings": True}
-
-
-def size_for_target(target: int, vocab: int) -> dict[str, Any]:
-    """The shape whose parameter count is closest to `target` with a Llama-like width/depth ratio.
-
-    Among hidden sizes d with a whole number of layers landing within 5% of the
-    target, pick the one whose d/layers is closest to 64 (small models) or 128 (≥ 500M), as the
-    Llama family does; fall back to the closest count.
-    """
-    ratio = 64 if target < 500_000_000 else 128
-    best, best_key = None, None
-    # Widths that give whole GQA groups: any multiple of 64 below 512, then multiples of 256
-    # (heads of 64 in groups of 4), then of 512 (heads of 128 in groups of 4).
-    widths = [*range(64, 512, 64), *range(512, 2048 + 1, 256), *range(2560, 8192 + 1, 512)]
-    for d in widths:
-        probe = _shape(d, 1, vocab)
-        per_layer = count_parameters(probe) - count_parameters({**probe, "num_hidden_layers": 0})
-        fixed = count_parameters({**probe, "num_hidden_layers": 0})
-        layers = round((target - fixed) / per_layer)
-        if not 1 <= layers <= 128:
-            continue
-        arch = _shape(d, layers, vocab)
-        err = abs(count_parameters(arch) - target) / target
-        key = (err > 0.05, abs(math.log((d / layers) / ratio)), err)
-        if best_key is None or key < best_key:
-            best, best_key = arch, key
-    if best is None:
-        raise SettingsError([f"TARGET_PARAMETERS={target}: no Llama shape fits with VOCAB_SIZE={vocab}. Fix: a larger target or a smaller vocabulary."])
-    return best
-
-
 def architecture(s: Settings) -> dict[str, Any]:
     """LlamaConfig keyword arguments resolved from MODEL_SIZE / TARGET_PARAMETERS / FACTOR."""
-    if s.target_parameters is not None:
-        arch = size_for_target(parse_count(s.target_parameters), s.vocab_size)
-    elif s.factor is not None:
-        arch = _shape(s.factor, max(1, s.factor // 64), s.vocab_size)
-    else:
-        preset = MODEL_PRESETS[s.model_size or "tiny"]
-        if isinstance(preset, int):
-            arch = size_for_target(preset, s.vocab_size)
+    try:
+        if s.target_parameters is not None:
+            arch = size_for_target(parse_count(s.target_parameters), s.vocab_size)
+        elif s.factor is not None:
+            arch = shape(s.factor, max(1, s.factor // 64), s.vocab_size)
         else:
-            arch = _shape(preset["hidden_size"], preset["num_hidden_layers"], s.vocab_size,
-                          preset["num_attention_heads"], preset["num_key_value_heads"])
-    return {**arch, "max_position_embeddings": s.max_length, "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
-            "hidden_act": "silu", "initializer_range": 0.02, "attention_bias": False, "mlp_bias": False}
+            arch = preset_shape(s.model_size or DEFAULT_PRESET, s.vocab_size)
+    except ValueError:
+        raise SettingsError([f"TARGET_PARAMETERS={s.target_parameters}: no Llama shape fits with VOCAB_SIZE={s.vocab_size}. "
+                             "Fix: a larger target or a smaller vocabulary."]) from None
+    return config_kwargs(arch, s.max_length)
 
 
 def cpu_has_bf16() -> bool:

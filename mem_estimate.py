@@ -26,6 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from architecture import LORA_TARGETS, count_parameters, layer_shapes
+
 # Measured by bench/memory.py on CPU (bf16, DeepSpeed ZeRO-2, glibc malloc): what the terms above
 # do not account for, per parameter. Full training: DeepSpeed copies the weights into its flat
 # contiguous groups while the originals are still alive (1.2-6 bytes/parameter measured, noisy).
@@ -48,16 +50,13 @@ def _kv_dim(arch: dict[str, Any]) -> int:
 
 def lora_parameters(arch: dict[str, Any], r: int, targets: list[str]) -> int:
     """Trainable LoRA parameters: r·(in + out) per adapted projection per layer."""
-    d, ffn, kv = int(arch["hidden_size"]), int(arch["intermediate_size"]), _kv_dim(arch)
-    shapes = {"q_proj": (d, d), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (d, d),
-              "gate_proj": (d, ffn), "up_proj": (d, ffn), "down_proj": (ffn, d)}
+    shapes = layer_shapes(arch)
     return int(arch["num_hidden_layers"]) * sum(r * (i + o) for t, (i, o) in shapes.items() if t in targets)
 
 
 def quantized_parameters(arch: dict[str, Any]) -> int:
     """Weights stored in 4 bits under USE_QUANT: every linear projection of every layer."""
-    d, ffn, kv = int(arch["hidden_size"]), int(arch["intermediate_size"]), _kv_dim(arch)
-    return int(arch["num_hidden_layers"]) * (2 * d * d + 2 * d * kv + 3 * d * ffn)
+    return int(arch["num_hidden_layers"]) * sum(i * o for i, o in layer_shapes(arch).values())
 
 
 def _in_features(arch: dict[str, Any], target: str) -> int:
@@ -104,13 +103,11 @@ def estimate(arch: dict[str, Any], *, precision: str, batch: int, seq: int, chec
              lora_r: int = 16, lora_targets: list[str] | None = None, lora_dropout: float = 0.05, world: int = 1,
              gpu: bool = False) -> Estimate:
     """Peak memory of one run of train.py with these settings (see the module doc for the model)."""
-    from config import LORA_MODULES, count_parameters
-
     params = count_parameters(arch)
     half = 4 if precision == "fp32" else 2
     if nf4:
         quantized = quantized_parameters(arch)
-        trainable = lora_parameters(arch, lora_r, lora_targets or list(LORA_MODULES))
+        trainable = lora_parameters(arch, lora_r, lora_targets or list(LORA_TARGETS))
         # 4-bit codes + one fp8 scale per block of 64 + fp32 scales of those per 256 blocks
         weights = int(quantized * (0.5 + 1 / 64 + 4 / (64 * 256))) + (params - quantized) * half + trainable * half
         loading = weights
@@ -123,7 +120,7 @@ def estimate(arch: dict[str, Any], *, precision: str, batch: int, seq: int, chec
     states = 16 if precision != "fp32" else 12  # master fp32 (not in fp32 runs) + m + v + fp32 grads
     optimizer = -(-trainable * states // world)
     gradients = trainable * half + int(REDUCE_BUCKET * half)  # DeepSpeed allocates the whole bucket
-    lora = (lora_r, lora_targets or list(LORA_MODULES), lora_dropout) if nf4 else None
+    lora = (lora_r, lora_targets or list(LORA_TARGETS), lora_dropout) if nf4 else None
     activations = activation_bytes(arch, batch, seq, precision, checkpointing, lora)
     # After training: the published copy in the storage dtype beside everything above.
     final_copy = params * half

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import redact
-from config import EXIT_BAD_INPUT, BadInput, Settings, architecture, count_parameters, cpu_has_bf16, is_local_target, load_settings, local_path
+from architecture import count_parameters
+from config import EXIT_BAD_INPUT, BadInput, Settings, architecture, cpu_has_bf16, is_local_target, load_settings, local_path
 from util import HubError, RunPlan, hub, plan_run
 
 
@@ -225,7 +226,6 @@ def disk_needed(s: Settings, plan: RunPlan, rows: int | None) -> dict[str, int]:
     prepared copy, the trained one, the published one and the previous publish kept until the new
     one is in place) and the full-state checkpoint (weights, fp32 master, AdamW moments): two of them
     with periodic checkpoints (the next is written before the last is removed)."""
-    from config import count_parameters
 
     n = count_parameters(architecture(s))
     nf4 = plan.train_format(s.use_quant) == "nf4"

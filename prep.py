@@ -26,7 +26,8 @@ from typing import Any, Iterable
 
 import redact
 import status_page
-from config import (BadInput, failure_exit, quiet_disk_full_in_threads, RunFailure, Settings, architecture, count_parameters, is_local_target, load_settings, local_path,
+from architecture import count_parameters
+from config import (BadInput, failure_exit, quiet_disk_full_in_threads, RunFailure, Settings, architecture, is_local_target, load_settings, local_path,
                     report, resolve_precision)
 from quant_utils import convert, non_finite_tensors, verify_checkpoint
 from output_lock import acquire

@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(measure(case, model_dir, int(batch), int(seq), int(steps), ckpt == "on")))
         return 0
 
-    from config import count_parameters
+    from architecture import count_parameters
     from mem_estimate import estimate
 
     work = Path(tempfile.mkdtemp(prefix="bench-memory-"))

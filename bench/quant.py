@@ -142,7 +142,7 @@ def round_trip(work: Path) -> dict:
 def peak_memory(work: Path, target: str) -> dict:
     """Full bf16 training vs NF4 + LoRA on the same fresh model, each case measured by bench/memory.py
     (train.py's fit in its own process), with gradient checkpointing on in both and off in both."""
-    from config import count_parameters
+    from architecture import count_parameters
     from memory import make_model, run_case
 
     n = count_parameters(make_model(target, 256, work / "mem"))

@@ -50,7 +50,7 @@ def matmul_peak_flops(dtype_name: str, n: int = 4096, reps: int = 6) -> float:
 
 
 def flops_per_token(arch: dict) -> float:
-    from config import count_parameters
+    from architecture import count_parameters
 
     # Every weight that multiplies activations: the layers and the LM head, not the embedding lookup.
     n_matmul = count_parameters({**arch, "tie_word_embeddings": True}) - arch["hidden_size"]

@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from config import architecture, count_parameters, load_settings
+from architecture import count_parameters
+from config import architecture, load_settings
 
 TARGETS = ["1M", "3M", "10M", "27M", "60M", "125M", "350M", "700M", "1B", "1.5B", "3B"]
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from conftest import SETTINGS_VARS, py, run
-from config import (MODEL_PRESETS, Settings, SettingsError, architecture, count_parameters, load_settings,
+from architecture import PRESETS
+from architecture import count_parameters
+from config import (Settings, SettingsError, architecture, load_settings,
                     parse_count, parse_duration_s)
 
 # variable -> (a good value and the field value it gives, a bad value)
@@ -168,7 +170,7 @@ def test_config_cli_exits_2_listing_every_problem(env):
 
 
 def test_presets_resolve():
-    for name in MODEL_PRESETS:
+    for name in PRESETS:
         arch = architecture(load_settings({"MODEL_SIZE": name, "VOCAB_SIZE": "32000"}))
         assert arch["hidden_size"] % arch["num_attention_heads"] == 0
 
