@@ -100,3 +100,13 @@ def config_kwargs(arch: dict[str, Any], max_length: int) -> dict[str, Any]:
     """LlamaConfig keyword arguments for a shape trained on sequences of `max_length` tokens."""
     return {**arch, "max_position_embeddings": max_length, "rope_theta": ROPE_THETA, "rms_norm_eps": 1e-5,
             "hidden_act": "silu", "initializer_range": 0.02, "attention_bias": False, "mlp_bias": False}
+
+
+def llama_class(impl: str):
+    """The Llama class MODEL_IMPL names ('ours': model.py; 'transformers': transformers'). Both read
+    and write the same transformers Llama files, and a seeded init draws the same weights."""
+    if impl == "ours":
+        from model import LlamaForCausalLM
+    else:
+        from transformers import LlamaForCausalLM
+    return LlamaForCausalLM

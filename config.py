@@ -322,6 +322,9 @@ class Settings(BaseSettings):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = _env(
         "PRECISION", default="auto",
         description="auto = bf16 where the hardware has it (Ampere+ GPU, CPU with AMX/AVX512-bf16), else fp16 on GPU, fp32 on CPU.")
+    model_impl: Literal["transformers", "ours"] = _env(
+        "MODEL_IMPL", default="transformers",
+        description="The Llama class that trains: transformers' LlamaForCausalLM, or ours (model.py: same weights and files, its own attention and generation). The published model is the same transformers Llama either way.")
     gradient_checkpointing: Literal["auto", "true", "false"] = _env(
         "GRADIENT_CHECKPOINTING", default="auto", description="auto = on when the activations would not fit in memory.")
     num_processes: int = _env("NUM_PROCESSES", default=0, ge=0,

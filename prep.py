@@ -289,14 +289,16 @@ def to_dataset(rows: list, labels: list | None = None):
 def build_model(s: Settings, tok, out: Path) -> dict[str, Any]:
     """Fresh Llama weights (seeded) saved to `out`; returns the architecture."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig
+
+    from architecture import llama_class
 
     arch = architecture(s)
     if arch["vocab_size"] != len(tok):
         arch["vocab_size"] = len(tok)  # a small corpus can stop BPE short of VOCAB_SIZE
     cfg = LlamaConfig(**arch, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     torch.manual_seed(s.seed)
-    model = LlamaForCausalLM(cfg)
+    model = llama_class(s.model_impl)(cfg)
     model.save_pretrained(out, safe_serialization=True)
     return arch
 

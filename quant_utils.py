@@ -306,7 +306,6 @@ def to_float(model, dtype):
     4-bit weights. Strict: every weight of the float model is assigned exactly once."""
     import bitsandbytes as bnb
     import torch
-    from transformers import AutoModelForCausalLM
 
     try:
         from peft.tuners.lora import LoraLayer
@@ -340,7 +339,7 @@ def to_float(model, dtype):
             raise RuntimeError(f"to_float: {name} is 4-bit but belongs to no 4-bit layer")
         state[clean] = p.detach().to(dtype)
     with torch.device("meta"):
-        out = AutoModelForCausalLM.from_config(conf)
+        out = type(base)._from_config(conf)  # the source's class: transformers' Llama, or ours (model.py)
     result = out.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in result.missing_keys if not (k == "lm_head.weight" and conf.tie_word_embeddings)]
     if missing or result.unexpected_keys:

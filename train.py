@@ -57,9 +57,10 @@ def build_trainer(s: Settings, prepared: Path, out: Path, precision: str, callba
     """The TRL SFT trainer over the prepared datasets, with DeepSpeed ZeRO-2 and this run's schedule."""
     import torch
     from datasets import load_from_disk
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
+    from architecture import llama_class
     from lm_loss import causal_lm_loss
     from quant_utils import add_lora
 
@@ -111,10 +112,10 @@ def build_trainer(s: Settings, prepared: Path, out: Path, precision: str, callba
         # config); only the LoRA adapters train. Under ZeRO-2 the frozen 4-bit weights stay whole on
         # every rank and DeepSpeed partitions the adapters' gradients and optimizer states.
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
-        model = AutoModelForCausalLM.from_pretrained(prepared / "model", device_map={"": device}, attn_implementation="sdpa")
+        model = llama_class(s.model_impl).from_pretrained(prepared / "model", device_map={"": device}, attn_implementation="sdpa")
         model = add_lora(model, s, ckpt, precision)
     else:
-        model = AutoModelForCausalLM.from_pretrained(prepared / "model", dtype=torch.float32, attn_implementation="sdpa")
+        model = llama_class(s.model_impl).from_pretrained(prepared / "model", dtype=torch.float32, attn_implementation="sdpa")
     cpu = not torch.cuda.is_available()
     configure_trackers(s, out, manifest)
     args = SFTConfig(

@@ -85,3 +85,11 @@ def test_hub_faults_bench(env):
     assert cases["commit 503 x2"]["retries_logged"] == 2
     assert cases["commit 403"]["faults_served"] == 1 and cases["commit 403"]["exit"] == 2
     assert cases["commit 503 forever"]["exit"] == 1 and cases["commit 503 forever"]["retries_logged"] == 4
+
+
+def test_model_bench(env):
+    out = _json(run([sys.executable, "bench/model.py", "--steps", "1", "--prompts", "3", "--new-tokens", "16"],
+                    env, timeout=600))
+    assert out["max_abs_logit_diff_fp32"] <= 1e-5 and out["loss_diff"] <= 1e-6 and out["max_grad_diff_rel"] <= 1e-4
+    assert out["greedy_identical"] == 1.0
+    assert out["train_speedup"] > 0 and out["generate_speedup"] > 0

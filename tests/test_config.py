@@ -45,6 +45,7 @@ CASES = {
     "EARLY_STOPPING_PATIENCE": ("3", 3, "0"),
     "BEST_MODEL": ("false", False, "maybe"),
     "PRECISION": ("fp16", "fp16", "bf32"),
+    "MODEL_IMPL": ("ours", "ours", "mine"),
     "GRADIENT_CHECKPOINTING": ("true", "true", "sometimes"),
     "NUM_PROCESSES": ("2", 2, "-2"),
     "SEED": ("7", 7, "-7"),
