@@ -10,22 +10,39 @@ from __future__ import annotations
 import math
 from typing import Any
 
-# Named model sizes. "tiny" and "small" are explicit shapes (tiny: the CPU default; small: the
-# ~27M shape the throughput benchmark uses); the others are parameter targets sized by `size_for_target`.
+# Named model sizes (MODEL_SIZE). Explicit shapes, by hidden size d, layers, heads and KV heads
+# (SwiGLU width ≈ 8/3·d unless given; the vocabulary is always VOCAB_SIZE / the tokenizer's):
+#   cpu    the CPU default, ~1-2M parameters: a first run in minutes on 2 cores
+#   small  the ~27M shape the throughput benchmark uses
+#   Nano   d=384, 6 layers, 6 heads (2 KV): ~10M + embeddings, torchtitan-style debug size
+#   Micro  d=768, 12 layers, 12 heads (4 KV): ~85M + embeddings, GPT-2-small-like
+#   Tiny   TinyLlama-1.1B's shape: d=2048, 22 layers, 32 heads (4 KV), SwiGLU 5632, untied
+# and parameter targets, sized by `size_for_target` for the vocabulary in use (Llama-3-style
+# width/depth, GQA 4:1): 125M, 350M, 0.5B, 1B, 1.5B, 3B.
 PRESETS: dict[str, dict[str, int] | int] = {
-    "tiny": {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2},
+    "cpu": {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2},
     "small": {"hidden_size": 512, "num_hidden_layers": 6, "num_attention_heads": 8, "num_key_value_heads": 4},
+    "Nano": {"hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 6, "num_key_value_heads": 2},
+    "Micro": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "num_key_value_heads": 4},
+    "Tiny": {"hidden_size": 2048, "num_hidden_layers": 22, "num_attention_heads": 32, "num_key_value_heads": 4,
+             "intermediate_size": 5632, "tie_word_embeddings": False},
     "125M": 125_000_000,
     "350M": 350_000_000,
+    "0.5B": 500_000_000,
     "1B": 1_000_000_000,
+    "1.5B": 1_500_000_000,
     "3B": 3_000_000_000,
 }
-DEFAULT_PRESET = "tiny"
+DEFAULT_PRESET = "cpu"
+# Names a preset no longer has, with what to use instead.
+RENAMED_PRESETS = {"tiny": "cpu (the CPU default; Tiny is TinyLlama-1.1B's shape)"}
 
 # Every linear projection of a block, by its transformers name: the default LoRA targets.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-ROPE_THETA = 10000.0
+# RoPE base of new models, as Llama 3 (500 000: wavelengths long enough for long contexts); a model
+# that continues keeps the RoPE parameters its config.json has.
+ROPE_THETA = 500000.0
 
 
 def layer_shapes(arch: dict[str, Any]) -> dict[str, tuple[int, int]]:
@@ -92,13 +109,21 @@ def preset_shape(name: str, vocab: int) -> dict[str, Any]:
     preset = PRESETS[name]
     if isinstance(preset, int):
         return size_for_target(preset, vocab)
-    return shape(preset["hidden_size"], preset["num_hidden_layers"], vocab,
+    arch = shape(preset["hidden_size"], preset["num_hidden_layers"], vocab,
                  preset["num_attention_heads"], preset["num_key_value_heads"])
+    return {**arch, **{k: v for k, v in preset.items() if k in ("intermediate_size", "tie_word_embeddings")}}
+
+
+def rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
+    """The full RoPE parameters of a config.json (transformers 5 keeps them in `rope_parameters`;
+    earlier configs had a top-level `rope_theta`, default 10 000)."""
+    return config.get("rope_parameters") or {"rope_type": "default", "rope_theta": float(config.get("rope_theta", 10000.0))}
 
 
 def config_kwargs(arch: dict[str, Any], max_length: int) -> dict[str, Any]:
     """LlamaConfig keyword arguments for a shape trained on sequences of `max_length` tokens."""
-    return {**arch, "max_position_embeddings": max_length, "rope_theta": ROPE_THETA, "rms_norm_eps": 1e-5,
+    return {**arch, "max_position_embeddings": max_length,
+            "rope_parameters": {"rope_type": "default", "rope_theta": ROPE_THETA}, "rms_norm_eps": 1e-5,
             "hidden_act": "silu", "initializer_range": 0.02, "attention_bias": False, "mlp_bias": False}
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import redact
 import status_page
-from architecture import DEFAULT_PRESET, LORA_TARGETS, PRESETS, config_kwargs, count_parameters, preset_shape, shape, size_for_target
+from architecture import DEFAULT_PRESET, LORA_TARGETS, PRESETS, RENAMED_PRESETS, config_kwargs, count_parameters, preset_shape, shape, size_for_target
 from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
@@ -277,7 +277,7 @@ class Settings(BaseSettings):
 
     # --- model -----------------------------------------------------------------------------------
     model_size: str | None = _env("MODEL_SIZE", default=None,
-                                  description=f"Named size: {', '.join(PRESETS)} (default tiny when no other size is set).")
+                                  description=f"Named size: {', '.join(PRESETS)} (default {DEFAULT_PRESET} when no other size is set; shapes in the README's Presets table).")
     target_parameters: str | None = _env("TARGET_PARAMETERS", default=None,
                                          description="Model size as a parameter count, e.g. 125M, 1.5B (1M-3B).")
     factor: int | None = _env("FACTOR", default=None, ge=64,
@@ -389,6 +389,8 @@ class Settings(BaseSettings):
     @field_validator("model_size")
     @classmethod
     def _preset(cls, v: str | None) -> str | None:
+        if v in RENAMED_PRESETS:
+            raise ValueError(f"renamed: use {RENAMED_PRESETS[v]}")
         if v is not None and v not in PRESETS:
             raise ValueError(f"expected one of {', '.join(PRESETS)}")
         return v

@@ -26,7 +26,7 @@ from typing import Any, Iterable
 
 import redact
 import status_page
-from architecture import count_parameters
+from architecture import count_parameters, rope_parameters
 from config import (BadInput, failure_exit, quiet_disk_full_in_threads, RunFailure, Settings, architecture, is_local_target, load_settings, local_path,
                     report, resolve_precision)
 from quant_utils import convert, non_finite_tensors, verify_checkpoint
@@ -354,8 +354,8 @@ def take_model(src: Path, out: Path, want: str, compute: str, fmt: dict[str, Any
             f"in {time.perf_counter() - t:.1f} s")
     cfg = json.loads((out / "config.json").read_text())
     keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-            "intermediate_size", "vocab_size", "tie_word_embeddings", "max_position_embeddings", "rope_theta")
-    return {k: cfg.get(k) for k in keys}
+            "intermediate_size", "vocab_size", "tie_word_embeddings", "max_position_embeddings")
+    return {**{k: cfg.get(k) for k in keys}, "rope_parameters": rope_parameters(cfg)}
 
 
 # --- the stage ---------------------------------------------------------------------------------------

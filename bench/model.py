@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     from architecture import config_kwargs, preset_shape
 
     vocab = 2048
-    cfg = LlamaConfig(**config_kwargs(preset_shape("tiny", vocab), 256), pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = LlamaConfig(**config_kwargs(preset_shape("cpu", vocab), 256), pad_token_id=0, bos_token_id=1, eos_token_id=2)
     t0 = time.perf_counter()
     result = {**parity(cfg, vocab), **generation(cfg, vocab, args.prompts, args.new_tokens),
               **train_step_times(args.steps)}

@@ -119,7 +119,7 @@ def test_empty_variable_means_unset():
 
 def test_conflicting_sizes():
     with pytest.raises(SettingsError, match="set only one"):
-        load_settings({"MODEL_SIZE": "tiny", "TARGET_PARAMETERS": "10M"})
+        load_settings({"MODEL_SIZE": "cpu", "TARGET_PARAMETERS": "10M"})
 
 
 def test_hub_output_needs_token_and_token_is_masked():

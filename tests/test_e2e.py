@@ -39,6 +39,9 @@ def test_runs_to_done_with_state_and_history(done):
     assert [(h["stage"], h["shard"]) for h in pre["history"]] == [("pretrain", 0), ("pretrain", 1)]
     assert pre["next"] == {"inst": True, "init": 0}
     assert it["done"] and it["next"] is None
+    # the full RoPE parameters survive every continued run (Llama-3's base for new models)
+    assert pre["architecture"]["rope_parameters"] == it["architecture"]["rope_parameters"] == {
+        "rope_type": "default", "rope_theta": 500000.0}
     assert [(h["stage"], h["shard"]) for h in it["history"]] == [("pretrain", 0), ("pretrain", 1), ("instruct", 0)]
     for h in it["history"]:
         assert h["eval_loss"] < h["eval_loss_before"]  # every run learned something on held-out data
