@@ -120,6 +120,18 @@ def rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
     return config.get("rope_parameters") or {"rope_type": "default", "rope_theta": float(config.get("rope_theta", 10000.0))}
 
 
+def arch_from_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The architecture (as the record keeps it) of a Llama config.json."""
+    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+            "intermediate_size", "vocab_size", "tie_word_embeddings", "max_position_embeddings")
+    arch = {k: config.get(k) for k in keys}
+    if arch["head_dim"] is None and arch["hidden_size"] and arch["num_attention_heads"]:
+        arch["head_dim"] = arch["hidden_size"] // arch["num_attention_heads"]
+    if arch["tie_word_embeddings"] is None:
+        arch["tie_word_embeddings"] = False  # LlamaConfig's default
+    return {**arch, "rope_parameters": rope_parameters(config)}
+
+
 def config_kwargs(arch: dict[str, Any], max_length: int) -> dict[str, Any]:
     """LlamaConfig keyword arguments for a shape trained on sequences of `max_length` tokens."""
     return {**arch, "max_position_embeddings": max_length,

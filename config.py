@@ -282,6 +282,15 @@ class Settings(BaseSettings):
                                          description="Model size as a parameter count, e.g. 125M, 1.5B (1M-3B).")
     factor: int | None = _env("FACTOR", default=None, ge=64,
                               description="Deprecated: hidden size (multiple of 64); use TARGET_PARAMETERS.")
+    base_model: str | None = _env(
+        "BASE_MODEL", default=None,
+        description="Start pretraining from this Llama's weights (Hub id or local directory) instead of fresh ones: its config.json gives the shape, its tokenizer is used unless TOKENIZER is set, and the weight copy's report is printed and kept in the record.")
+    base_model_partial: bool = _env(
+        "BASE_MODEL_PARTIAL", default=False,
+        description="Accept a BASE_MODEL that fills only part of the model (the rest keeps fresh weights); otherwise any tensor missing, unused or of another shape stops the run.")
+    tokenizer: str | None = _env(
+        "TOKENIZER", default=None,
+        description="Use this tokenizer (Hub id or local directory) instead of training one; the chat template is added when it has none. VOCAB_SIZE and TOKENIZER_SAMPLE_MB then do not apply.")
 
     # --- training --------------------------------------------------------------------------------
     use_quant: bool = _env("USE_QUANT", default=False,
@@ -444,6 +453,12 @@ def _cross_checks(s: Settings) -> list[str]:
     sizes = [n for n, v in (("MODEL_SIZE", s.model_size), ("TARGET_PARAMETERS", s.target_parameters), ("FACTOR", s.factor)) if v is not None]
     if len(sizes) > 1:
         problems.append(f"{' and '.join(sizes)} are both set: they choose the same thing (the model size). Fix: set only one.")
+    if s.base_model is not None and sizes:
+        problems.append(f"BASE_MODEL={s.base_model!r} and {' and '.join(sizes)} are both set: the base model's config.json "
+                        f"gives the shape. Fix: unset {' and '.join(sizes)}.")
+    for var, spec in (("BASE_MODEL", s.base_model), ("TOKENIZER", s.tokenizer)):
+        if spec is not None and not is_local_target(spec) and not HUB_ID.fullmatch(spec):
+            problems.append(f"{var}={spec!r}: neither a local path (./dir, /dir, ~/dir) nor a Hub repo id (owner/name).")
     if s.factor is not None and s.factor % 64:
         problems.append(f"FACTOR={s.factor!r}: the hidden size must be a multiple of 64. Fix: e.g. FACTOR={max(64, s.factor // 64 * 64)}.")
     if not is_local_target(s.output_repo):

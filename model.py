@@ -2,7 +2,8 @@
 
 RMSNorm, rotary embeddings (Llama-3.1 frequency scaling included), grouped-query attention, the
 SwiGLU MLP, a decoder block, the decoder, and the causal LM with a preallocated KV cache and a plain
-`generate` loop. Its shapes come from `architecture.py`.
+`generate` loop; and `copy_weights`, which fills it from any HF Llama checkpoint with a report of
+what was and was not copied. Its shapes come from `architecture.py`.
 
 It is a transformers `PreTrainedModel` configured by a `LlamaConfig`, with transformers' module and
 tensor names (`model.layers.N.self_attn.q_proj.weight` …), and it saves under the name
@@ -19,7 +20,10 @@ needs one, and the LM loss goes through `lm_loss`'s chunked head without full lo
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -316,3 +320,102 @@ def generate(model: LlamaForCausalLM, input_ids: torch.Tensor, max_new_tokens: i
         if eos_token_id is not None and bool(done.all()):
             break
     return torch.stack(new, dim=1)
+
+
+# --- weights from an existing Llama -------------------------------------------------------------------
+
+# Buffers some checkpoints carry (older transformers' rotary inverse frequencies, Meta/torchtitan's
+# freqs_cis): derived from the config here, never read.
+DERIVED_BUFFERS = ("rotary_emb.inv_freq", "rotary_emb.original_inv_freq", "freqs_cis")
+
+
+@dataclass
+class CopyReport:
+    """What a weight copy did, tensor by tensor (names in the transformers Llama layout)."""
+
+    source: str
+    copied: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)         # ours, left with their fresh initialisation
+    unused: list[str] = field(default_factory=list)          # the source's, matching nothing of ours
+    mismatched: list[str] = field(default_factory=list)      # "name: source (a, b) vs ours (c, d)"
+    ignored_buffers: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return not (self.missing or self.unused or self.mismatched)
+
+    def describe(self) -> list[str]:
+        lines = [f"weights from {self.source}: {len(self.copied)} tensors copied, {len(self.missing)} left fresh, "
+                 f"{len(self.unused)} source tensors unused, {len(self.mismatched)} shape mismatches"
+                 + (f" ({len(self.ignored_buffers)} derived buffers ignored)" if self.ignored_buffers else "")]
+        for label, names in (("left fresh", self.missing), ("unused", self.unused), ("mismatched", self.mismatched)):
+            if names:
+                lines.append(f"  {label}: {', '.join(names[:6])}{f' … ({len(names)} in all)' if len(names) > 6 else ''}")
+        return lines
+
+    def to_json(self) -> dict[str, Any]:
+        return {"source": self.source, "copied": len(self.copied), "missing": self.missing, "unused": self.unused,
+                "mismatched": self.mismatched, "complete": self.complete}
+
+
+def _source_tensors(source_dir: Path) -> dict[str, Path]:
+    """Tensor name → the safetensors file holding it (one file, or shards named by an index)."""
+    index = source_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: source_dir / f for name, f in weight_map.items()}
+    single = source_dir / "model.safetensors"
+    if not single.exists():
+        raise FileNotFoundError(f"{source_dir}: no model.safetensors (or its index); only safetensors weights are read")
+    from safetensors import safe_open
+
+    with safe_open(single, framework="pt") as f:
+        return {name: single for name in f.keys()}
+
+
+@torch.no_grad()
+def copy_weights(model: nn.Module, source_dir: Path, source: str | None = None) -> CopyReport:
+    """Copy every tensor of the HF Llama checkpoint in `source_dir` into `model`, component by component
+    (embeddings, each block's projections and norms, the final norm, the head), one tensor at a time
+    from the memory-mapped files: no second copy of the model is held. A tied source head feeds an
+    untied one. Returns the report; the caller decides whether a partial copy is acceptable."""
+    from safetensors import safe_open
+
+    report = CopyReport(source or str(source_dir))
+    where = _source_tensors(source_dir)
+    ours = dict(model.named_parameters())  # tied weights appear once, under the embedding's name
+    used: set[str] = set()
+    handles: dict[Path, Any] = {}
+
+    def read(name: str):
+        f = where[name]
+        if f not in handles:
+            handles[f] = safe_open(f, framework="pt")
+        return handles[f]
+
+    for name, param in ours.items():
+        src = name if name in where else None
+        if src is None and name == "lm_head.weight" and "model.embed_tokens.weight" in where:
+            src = "model.embed_tokens.weight"  # a tied source: its head is its embedding
+        if src is None:
+            report.missing.append(name)
+            continue
+        used.add(src)
+        shape = tuple(read(src).get_slice(src).get_shape())
+        if shape != tuple(param.shape):
+            report.mismatched.append(f"{name}: source {shape} vs ours {tuple(param.shape)}")
+            continue
+        param.copy_(read(src).get_tensor(src))
+        report.copied.append(name)
+    tied_head = "lm_head.weight" not in ours
+    for name in where:
+        if name in used or (tied_head and name == "lm_head.weight" and "model.embed_tokens.weight" in used
+                            and _same(read(name), name, read("model.embed_tokens.weight"), "model.embed_tokens.weight")):
+            continue
+        (report.ignored_buffers if name.endswith(DERIVED_BUFFERS) else report.unused).append(name)
+    return report
+
+
+def _same(fa, a: str, fb, b: str) -> bool:
+    """A source that stores its tied head twice: the two tensors are equal."""
+    return fa.get_slice(a).get_shape() == fb.get_slice(b).get_shape() and torch.equal(fa.get_tensor(a), fb.get_tensor(b))

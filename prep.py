@@ -26,7 +26,7 @@ from typing import Any, Iterable
 
 import redact
 import status_page
-from architecture import count_parameters, rope_parameters
+from architecture import arch_from_config, count_parameters
 from config import (BadInput, failure_exit, quiet_disk_full_in_threads, RunFailure, Settings, architecture, is_local_target, load_settings, local_path,
                     report, resolve_precision)
 from quant_utils import convert, non_finite_tensors, verify_checkpoint
@@ -39,13 +39,14 @@ ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assis
 END_OF_TURN = "<|end|>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, UNK, *ROLE_TOKENS.values(), END_OF_TURN]
 
-# Turns end with <|end|>, except the assistant's, which ends with EOS: generation stops there by
-# itself. The {% generation %} block marks the tokens that carry the instruct loss (the answer and
+# Turns end with <|end|>, except the assistant's, which ends with the tokenizer's EOS: generation
+# stops there by itself. A tokenizer given by TOKENIZER that has no template gets this one (its
+# markers are then plain text, so the vocabulary, and a BASE_MODEL's embeddings, stay as they are). The {% generation %} block marks the tokens that carry the instruct loss (the answer and
 # its EOS), which `apply_chat_template(return_assistant_tokens_mask=True)` reads back.
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'assistant' -%}"
-    "{{ '<|assistant|>\n' }}{% generation %}{{ message['content'] + '<|end_of_text|>' }}{% endgeneration %}{{ '\n' }}"
+    "{{ '<|assistant|>\n' }}{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}{{ '\n' }}"
     "{%- else -%}"
     "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
     "{%- endif -%}"
@@ -196,6 +197,78 @@ def load_tokenizer(path: Path, where: str):
         raise BadInput([f"{where}: the tokenizer does not load ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}). "
                         "Fix: restore tokenizer.json / tokenizer_config.json there (they are published with the model), "
                         "or republish the model."]) from None
+
+
+TOKENIZER_FILES = ["tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "*.model",
+                   "vocab.*", "merges.txt"]
+
+
+def fetch(var: str, spec: str, s: Settings, allow: list[str]) -> Path:
+    """A local directory holding `spec` of `var`: the directory itself, or the `allow`ed files of a Hub
+    repo's current commit under WORK_DIR/hub."""
+    if is_local_target(spec):
+        path = local_path(spec)
+        if not path.is_dir():
+            raise BadInput([f"{var}={spec!r}: no such directory. Fix: the path of a saved model/tokenizer, or a Hub repo id."])
+        return path
+    return hub(s).download(spec, Path(s.work_dir) / "hub", allow=allow)
+
+
+def given_tokenizer(var: str, spec: str, s: Settings):
+    """The tokenizer of `spec` (TOKENIZER, or BASE_MODEL's own), made ready for this pipeline: a pad
+    token (its EOS, when it has none: padded positions carry no loss) and a chat template when it has none."""
+    tok = load_tokenizer(fetch(var, spec, s, TOKENIZER_FILES), f"{var}={spec}")
+    added = []
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+        added.append("pad = its EOS")
+    if not tok.chat_template:
+        tok.chat_template = CHAT_TEMPLATE
+        added.append("the pipeline's chat template")
+    tok.model_max_length, tok.padding_side = s.max_length, "right"
+    log(f"tokenizer: {spec} ({len(tok)} tokens{'; added ' + ', '.join(added) if added else ''})")
+    return tok
+
+
+def base_model(s: Settings, tok, out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """BASE_MODEL's weights copied into our model class of its shape (seeded fresh weights wherever the
+    copy leaves any), saved to `out`; returns the architecture and the copy report."""
+    import torch
+    from transformers import LlamaConfig
+
+    from architecture import llama_class
+    from model import copy_weights
+
+    var, spec = "BASE_MODEL", s.base_model
+    src = fetch(var, spec, s, ["config.json", "*.safetensors", "model.safetensors.index.json"])
+    try:
+        raw = json.loads((src / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise BadInput([f"{var}={spec!r}: no readable config.json ({type(e).__name__}). Fix: a saved Hugging Face model."]) from None
+    if not isinstance(raw, dict) or raw.get("model_type") != "llama":
+        raise BadInput([f"{var}={spec!r}: model_type {raw.get('model_type') if isinstance(raw, dict) else None!r}, "
+                        "not 'llama'. Fix: a Llama-architecture model."])
+    config = LlamaConfig.from_pretrained(src)
+    if config.vocab_size != len(tok):
+        raise BadInput([f"{var}={spec!r}: its embeddings have {config.vocab_size} rows but the tokenizer has {len(tok)} "
+                        "tokens. Fix: the base model's own tokenizer (leave TOKENIZER unset), or a model and tokenizer that match."])
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    torch.manual_seed(s.seed)
+    model = llama_class(s.model_impl)(config)
+    t = time.perf_counter()
+    try:
+        report = copy_weights(model, src, spec)
+    except FileNotFoundError as e:
+        raise BadInput([f"{var}={spec!r}: {e}. Fix: save the model with safetensors (save_pretrained does by default)."]) from None
+    for line in report.describe():
+        log(line)
+    if not report.complete and not s.base_model_partial:
+        raise BadInput([f"{var}={spec!r}: the copy would be partial ({report.describe()[0].split(': ', 1)[1]}), so part "
+                        "of the model would train from random weights. Fix: a base model of the same shape, or "
+                        "BASE_MODEL_PARTIAL=true to accept it."])
+    model.save_pretrained(out, safe_serialization=True)
+    log(f"model: {spec}'s weights, copied in {time.perf_counter() - t:.1f} s")
+    return arch_from_config(config.to_dict()), report.to_json()
 
 
 # --- tokenize + pack ---------------------------------------------------------------------------------
@@ -352,10 +425,7 @@ def take_model(src: Path, out: Path, want: str, compute: str, fmt: dict[str, Any
         log(f"checkpoint: converted {fmt['format']} ({fmt['dtype']}) -> {want} "
             f"{'(bitsandbytes NF4, double quantization)' if want == 'nf4' else f'({compute}, dequantized by bitsandbytes)'} "
             f"in {time.perf_counter() - t:.1f} s")
-    cfg = json.loads((out / "config.json").read_text())
-    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-            "intermediate_size", "vocab_size", "tie_word_embeddings", "max_position_embeddings")
-    return {**{k: cfg.get(k) for k in keys}, "rope_parameters": rope_parameters(cfg)}
+    return arch_from_config(json.loads((out / "config.json").read_text()))
 
 
 # --- the stage ---------------------------------------------------------------------------------------
@@ -376,8 +446,8 @@ def prepare(s: Settings, plan: RunPlan) -> dict[str, Any]:
     checkpoint_src = fetch_checkpoint(s, plan) if plan.resume else None
     train_format = plan.train_format(s.use_quant)
     if s.use_quant and plan.source is None:
-        log("USE_QUANT=true on the first pretraining run: random weights frozen in 4-bit would teach nothing, "
-            "so this run trains every weight in full precision; later runs train NF4 + LoRA")
+        log("USE_QUANT=true on the first pretraining run: it builds the model, so it trains every weight in full "
+            "precision (fresh weights frozen in 4-bit would teach nothing); later runs train NF4 + LoRA")
     precision = resolve_precision(s)
     ds = load_rows(spec, var, s.dataset_split, token)
     start, end, total = shard_bounds(len(ds), plan.shard, s.shard_size, var)
@@ -407,6 +477,8 @@ def prepare(s: Settings, plan: RunPlan) -> dict[str, Any]:
         if plan.source is None and checkpoint is not None:
             tok = load_tokenizer(checkpoint, f"{plan.target}/last-checkpoint")
             log(f"tokenizer: the one of the checkpoint being resumed ({len(tok)} tokens)")
+        elif plan.source is None and (s.tokenizer or s.base_model):
+            tok = given_tokenizer("TOKENIZER" if s.tokenizer else "BASE_MODEL", s.tokenizer or s.base_model, s)
         elif plan.source is None:
             log(f"training a byte-level BPE tokenizer (vocab {s.vocab_size}) on up to {s.tokenizer_sample_mb:g} MB of {var}")
             sample = sample_for_tokenizer(ds, s.text_column, int(s.tokenizer_sample_mb * 1e6))
@@ -448,7 +520,10 @@ def prepare(s: Settings, plan: RunPlan) -> dict[str, Any]:
         log(f"{n_docs} {'chats' if plan.inst else 'documents'} -> {tokens:,} tokens in {len(seqs)} sequences "
             f"({len(train_idx)} train / {len(val_idx)} val), {raw_bytes / 1e6 / max(dt, 1e-9):.1f} MB/s")
 
-        if plan.source is None:
+        origin = {}
+        if plan.source is None and s.base_model:
+            arch, origin["base_model"] = base_model(s, tok, staged / "model")
+        elif plan.source is None:
             arch = build_model(s, tok, staged / "model")
             log(f"model: fresh Llama, {count_parameters(arch):,} parameters "
                 f"(d={arch['hidden_size']}, layers={arch['num_hidden_layers']}, heads={arch['num_attention_heads']}/{arch['num_key_value_heads']} kv, "
@@ -470,6 +545,8 @@ def prepare(s: Settings, plan: RunPlan) -> dict[str, Any]:
             "train_format": train_format, "source_format": source_format,
             "prep_seconds": time.perf_counter() - t0,
             "data_fingerprint": fingerprint,
+            **({"origin": {**origin, "tokenizer": s.tokenizer or s.base_model}}
+               if plan.source is None and (s.tokenizer or s.base_model) else {}),
             **({"resume": {"checkpoint": "checkpoint", **plan.resume}} if checkpoint is not None else {}),
         }
         (staged / "manifest.json").write_text(json.dumps(manifest, indent=2))

@@ -232,6 +232,8 @@ def build_record(s: Settings, plan: RunPlan, manifest: dict[str, Any], metrics: 
                                         "shard_steps", "skipped_steps", "evals", "best_step", "best_eval_loss",
                                         "last_step_eval_loss", "early_stopped_at")
                 if k in metrics}}
+    if "origin" in manifest:  # where the first run's weights and tokenizer came from (BASE_MODEL, TOKENIZER)
+        entry["origin"] = manifest["origin"]
     resumed = (previous or {}).get("resume") or {}
     if resumed.get("stage") == plan.stage and resumed.get("shard") == plan.shard:
         entry["interruptions"] = resumed.get("interruptions", 0)

@@ -218,3 +218,58 @@ def test_the_pipeline_trains_with_our_model_and_publishes_a_transformers_llama(t
     # same seeded weights and data: the same loss before training; after 6 bf16 steps, within rounding
     assert abs(ours_0["eval_loss_before"] - theirs_0["eval_loss_before"]) <= 1e-3 * theirs_0["eval_loss_before"]
     assert abs(ours_0["eval_loss"] - theirs_0["eval_loss"]) <= 0.01 * theirs_0["eval_loss"]
+
+
+# --- weight copy ------------------------------------------------------------------------------------
+
+
+def _saved(tmp_path, name, cfg, seed=0, **kw):
+    hf, _ = pair(cfg, seed)
+    hf.save_pretrained(tmp_path / name, **kw)
+    return hf, tmp_path / name
+
+
+def test_a_complete_copy_reproduces_the_source_model(tmp_path):
+    hf, src = _saved(tmp_path, "src", make_config(), max_shard_size="100KB")   # sharded, with an index
+    assert (src / "model.safetensors.index.json").exists()
+    torch.manual_seed(9)
+    target = ours.LlamaForCausalLM(make_config())
+    report = ours.copy_weights(target, src, "someone/base")
+    assert report.complete and len(report.copied) == len(dict(target.named_parameters()))
+    x = torch.randint(3, VOCAB, (1, 30))
+    torch.testing.assert_close(target.eval()(x).logits, hf(x).logits, rtol=0, atol=1e-5)
+    assert report.describe()[0].startswith("weights from someone/base: ")
+
+
+def test_the_report_catches_missing_unused_and_mismatched_tensors(tmp_path):
+    _, deeper = _saved(tmp_path, "deeper", make_config(arch={"num_hidden_layers": 4}))
+    report = ours.copy_weights(ours.LlamaForCausalLM(make_config()), deeper)   # ours has 3 layers
+    assert not report.complete and not report.missing and not report.mismatched
+    assert report.unused and all(n.startswith("model.layers.3.") for n in report.unused)
+
+    _, shallower = _saved(tmp_path, "shallower", make_config(arch={"num_hidden_layers": 2}))
+    target = ours.LlamaForCausalLM(make_config())
+    fresh = target.model.layers[2].mlp.up_proj.weight.clone()
+    report = ours.copy_weights(target, shallower)
+    assert report.missing and all(n.startswith("model.layers.2.") for n in report.missing)
+    assert torch.equal(target.model.layers[2].mlp.up_proj.weight, fresh)   # left as it was, not zeroed
+
+    _, wider = _saved(tmp_path, "vocab", make_config(arch={"vocab_size": VOCAB + 10}))
+    report = ours.copy_weights(ours.LlamaForCausalLM(make_config()), wider)
+    assert report.mismatched == [f"model.embed_tokens.weight: source ({VOCAB + 10}, 128) vs ours ({VOCAB}, 128)"]
+    assert "mismatched" in report.to_json() and not report.to_json()["complete"]
+
+
+def test_derived_buffers_are_ignored_and_a_tied_source_feeds_an_untied_head(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    hf, src = _saved(tmp_path, "src", make_config())          # tied: no lm_head.weight saved
+    tensors = load_file(src / "model.safetensors")
+    assert "lm_head.weight" not in tensors
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(32)
+    tensors["freqs_cis"] = torch.ones(4, 32)
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    untied = ours.LlamaForCausalLM(make_config(arch={"tie_word_embeddings": False}))
+    report = ours.copy_weights(untied, src)
+    assert report.complete and sorted(report.ignored_buffers) == ["freqs_cis", "model.layers.0.self_attn.rotary_emb.inv_freq"]
+    assert torch.equal(untied.lm_head.weight, hf.model.embed_tokens.weight)

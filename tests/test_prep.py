@@ -187,3 +187,64 @@ def test_datasets_load_the_same_way_from_files_and_directories(tmp_path, monkeyp
         (spec / "part-0.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     ds = load_rows(str(spec), "INPUT_DATASET", "train")
     assert [t.strip() for t in pretrain_texts(ds, "text", "INPUT_DATASET")] == texts
+
+
+def _plain_tokenizer(path: Path) -> None:
+    """A Llama-2-like tokenizer built here: its own special tokens, no pad token, no chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [json.loads(line)["text"] for line in (ROOT / "data" / "pretrain.jsonl").read_text().splitlines()[:300]]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainer=trainers.BpeTrainer(vocab_size=700, special_tokens=["<s>", "</s>"],
+                                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>").save_pretrained(path)
+
+
+@pytest.mark.slow
+def test_tokenizer_and_base_model_start_a_pipeline_from_what_exists(tmp_path):
+    """TOKENIZER: a tokenizer without pad or chat template trains a model to a chat model. BASE_MODEL:
+    that published model's weights start a new pipeline, whose first loss is the first one's last."""
+    from transformers import AutoTokenizer, pipeline
+
+    from conftest import make_env, record
+
+    _plain_tokenizer(tmp_path / "tok")
+    env = {**make_env(tmp_path), "TOKENIZER": str(tmp_path / "tok"), "SHARD_SIZE": "400", "MAX_RUNS": "2"}
+    p = run(["./trainer.sh"], env, timeout=900)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    assert f"tokenizer: {tmp_path / 'tok'} (" in p.stdout and "added pad = its EOS, the pipeline's chat template" in p.stdout
+    chat_model = env["OUTPUT_REPO"] + "-it"
+    tok = AutoTokenizer.from_pretrained(chat_model)
+    assert len(tok) == len(AutoTokenizer.from_pretrained(tmp_path / "tok")) and tok.pad_token == "</s>"
+    assert record(chat_model)["done"] and record(env["OUTPUT_REPO"])["history"][0]["origin"] == {"tokenizer": str(tmp_path / "tok")}
+    reply = pipeline("text-generation", model=chat_model)([{"role": "user", "content": "Hi"}], max_new_tokens=4,
+                                                          do_sample=False)[0]["generated_text"][-1]
+    assert reply["role"] == "assistant"
+    first = record(env["OUTPUT_REPO"])["history"][0]
+
+    base = env["OUTPUT_REPO"]
+    (tmp_path / "second").mkdir(), (tmp_path / "third").mkdir()
+    env2 = {**make_env(tmp_path / "second"), "BASE_MODEL": base, "SHARD_SIZE": "400", "MAX_RUNS": "1"}
+    p = run(["./trainer.sh"], env2, timeout=900)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    assert "tensors copied, 0 left fresh, 0 source tensors unused, 0 shape mismatches" in p.stdout
+    second = record(env2["OUTPUT_REPO"])["history"][0]
+    assert second["origin"]["base_model"]["complete"] and second["origin"]["tokenizer"] == base
+    # the same held-out rows, the base's weights: where the first pipeline ended, not where it began
+    assert abs(second["eval_loss_before"] - first["eval_loss"]) <= 0.02 * first["eval_loss"]
+    assert first["eval_loss_before"] - second["eval_loss_before"] > 0.5 * (first["eval_loss_before"] - first["eval_loss"])
+
+    # a checkpoint whose tensors do not fill its own config: exit 2 naming the fix, nothing published
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for f in ("model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        (damaged / f).write_bytes((Path(base) / f).read_bytes())
+    cfg = json.loads((Path(base) / "config.json").read_text())
+    (damaged / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": cfg["num_hidden_layers"] + 1}))
+    env3 = {**make_env(tmp_path / "third"), "BASE_MODEL": str(damaged), "SHARD_SIZE": "400", "MAX_RUNS": "1"}
+    p = run(["./trainer.sh"], env3, timeout=900)
+    assert p.returncode == 2 and "BASE_MODEL_PARTIAL=true" in p.stdout + p.stderr
+    assert f"left fresh: model.layers.{cfg['num_hidden_layers']}." in p.stdout
+    assert not Path(env3["OUTPUT_REPO"]).exists()
