@@ -26,7 +26,7 @@ from typing import Any, Callable
 import redact
 from architecture import count_parameters
 from config import EXIT_BAD_INPUT, BadInput, Settings, architecture, cpu_has_bf16, is_local_target, load_settings, local_path
-from util import HubError, RunPlan, hub, plan_run
+from util import HubError, RunPlan, fetch, hub, plan_run
 
 
 @dataclass
@@ -177,12 +177,45 @@ def check_hardware(s: Settings) -> Check:
                  f"{info['ram_bytes'] / 2**30:.1f} GiB free", data=info)
 
 
-def check_memory(s: Settings, plan: RunPlan) -> Check:
+def check_start(s: Settings, plan: RunPlan) -> Check:
+    """What the first run starts from when it is not built here: BASE_MODEL's config.json (a Llama),
+    weights and tokenizer, and TOKENIZER's files. Its architecture replaces the settings' shape."""
+    from architecture import arch_from_config
+
+    found, data = [], {}
+    if s.base_model:
+        src = fetch("BASE_MODEL", s.base_model, s, ["config.json", "model.safetensors.index.json"])
+        try:
+            cfg = json.loads((src / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise BadInput([f"BASE_MODEL={s.base_model!r}: no readable config.json ({type(e).__name__}). "
+                            "Fix: a saved Hugging Face Llama (a local directory or a Hub repo id)."]) from None
+        if not isinstance(cfg, dict) or cfg.get("model_type") != "llama":
+            raise BadInput([f"BASE_MODEL={s.base_model!r}: model_type {cfg.get('model_type') if isinstance(cfg, dict) else None!r}, "
+                            "not 'llama'. Fix: a Llama-architecture model."])
+        if is_local_target(s.base_model) and not ((src / "model.safetensors").exists() or (src / "model.safetensors.index.json").exists()):
+            raise BadInput([f"BASE_MODEL={s.base_model!r}: no model.safetensors (or its index). Fix: save the model with "
+                            "safetensors (save_pretrained does by default)."])
+        data["architecture"] = arch = arch_from_config(cfg)
+        found.append(f"BASE_MODEL {s.base_model}: a Llama of {count_parameters(arch):,} parameters "
+                     f"(d={arch['hidden_size']}, {arch['num_hidden_layers']} layers, vocabulary {arch['vocab_size']})")
+    tok_var, tok_spec = ("TOKENIZER", s.tokenizer) if s.tokenizer else ("BASE_MODEL", s.base_model)
+    if tok_spec and is_local_target(tok_spec):
+        if not any((fetch(tok_var, tok_spec, s, []) / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+            raise BadInput([f"{tok_var}={tok_spec!r}: no tokenizer there (tokenizer.json, tokenizer.model or vocab.json). "
+                            "Fix: save the tokenizer beside it (tokenizer.save_pretrained), or set TOKENIZER."])
+        found.append(f"tokenizer from {tok_spec}")
+    elif tok_spec:
+        found.append(f"tokenizer from the Hub repo {tok_spec} (checked when downloaded)")
+    return Check("starting point", True, "; ".join(found), data=data)
+
+
+def check_memory(s: Settings, plan: RunPlan, arch: dict[str, Any] | None = None) -> Check:
     """The estimated peak of this run (mem_estimate.py) against the memory it will have."""
     import mem_estimate as me
     from config import resolve_precision
 
-    arch, nf4 = architecture(s), plan.train_format(s.use_quant) == "nf4"
+    arch, nf4 = arch or architecture(s), plan.train_format(s.use_quant) == "nf4"
     if plan.done:
         return Check("memory", True, "nothing to train: the pipeline is done")
     available, gpu, gpus = me.available_memory()
@@ -220,14 +253,14 @@ def _size_of(spec: str) -> int | None:
     return None  # a Hub dataset: its size is not known before it is downloaded
 
 
-def disk_needed(s: Settings, plan: RunPlan, rows: int | None) -> dict[str, int]:
+def disk_needed(s: Settings, plan: RunPlan, rows: int | None, arch: dict[str, Any] | None = None) -> dict[str, int]:
     """Bytes this run writes: the datasets cache (a local file is converted to Arrow once), the
     prepared shard (token ids as int32 plus labels, ~2 tokens per 4 bytes of text), the models (the
     prepared copy, the trained one, the published one and the previous publish kept until the new
     one is in place) and the full-state checkpoint (weights, fp32 master, AdamW moments): two of them
     with periodic checkpoints (the next is written before the last is removed)."""
 
-    n = count_parameters(architecture(s))
+    n = count_parameters(arch or architecture(s))
     nf4 = plan.train_format(s.use_quant) == "nf4"
     spec = s.instruct_dataset if plan.inst else s.input_dataset
     raw = _size_of(spec) or 0
@@ -239,10 +272,10 @@ def disk_needed(s: Settings, plan: RunPlan, rows: int | None) -> dict[str, int]:
             "checkpoint": ((int(n * 0.6) if nf4 else model) + 12 * trainable) * (1 if s.save_interval == 0 else 2)}
 
 
-def check_disk(s: Settings, plan: RunPlan, rows: int | None = None) -> Check:
+def check_disk(s: Settings, plan: RunPlan, rows: int | None = None, arch: dict[str, Any] | None = None) -> Check:
     import mem_estimate as me
 
-    need = disk_needed(s, plan, rows)
+    need = disk_needed(s, plan, rows, arch)
     total = sum(need.values())
     dirs = {Path(s.work_dir).resolve(), Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")).resolve()}
     if is_local_target(s.output_repo):
@@ -297,8 +330,11 @@ def run_checks() -> list[Check]:
     guarded("output", lambda: check_output(s))
     guarded("tracking", lambda: check_tracking(s))
     guarded("hardware", lambda: check_hardware(s))
-    guarded("memory", planned(check_memory))
-    guarded("disk", planned(check_disk, data.data.get("rows")))
+    arch = None
+    if (s.base_model or s.tokenizer) and plan is not None and plan.source is None:
+        arch = guarded("starting point", planned(check_start)).data.get("architecture")
+    guarded("memory", planned(check_memory, arch))
+    guarded("disk", planned(check_disk, data.data.get("rows"), arch))
     return checks
 
 

@@ -32,7 +32,7 @@ from config import (BadInput, failure_exit, quiet_disk_full_in_threads, RunFailu
 from quant_utils import convert, non_finite_tensors, verify_checkpoint
 from output_lock import acquire
 from run_state import validate_checkpoint
-from util import RunPlan, hub, link_or_copy, materialize, plan_run, read_record
+from util import RunPlan, fetch, hub, link_or_copy, materialize, plan_run, read_record
 
 BOS, EOS, PAD, UNK = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>", "<|unk|>"
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
@@ -201,17 +201,6 @@ def load_tokenizer(path: Path, where: str):
 
 TOKENIZER_FILES = ["tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "*.model",
                    "vocab.*", "merges.txt"]
-
-
-def fetch(var: str, spec: str, s: Settings, allow: list[str]) -> Path:
-    """A local directory holding `spec` of `var`: the directory itself, or the `allow`ed files of a Hub
-    repo's current commit under WORK_DIR/hub."""
-    if is_local_target(spec):
-        path = local_path(spec)
-        if not path.is_dir():
-            raise BadInput([f"{var}={spec!r}: no such directory. Fix: the path of a saved model/tokenizer, or a Hub repo id."])
-        return path
-    return hub(s).download(spec, Path(s.work_dir) / "hub", allow=allow)
 
 
 def given_tokenizer(var: str, spec: str, s: Settings):

@@ -128,6 +128,17 @@ def materialize(target: str, s: Settings) -> Path:
     return hub(s).download(target, Path(s.work_dir) / "hub", ignore=["last-checkpoint/*", "runs/*"])
 
 
+def fetch(var: str, spec: str, s: Settings, allow: list[str]) -> Path:
+    """A local directory holding what setting `var` names (BASE_MODEL, TOKENIZER): the directory itself,
+    or the `allow`ed files of the Hub repo's current commit under WORK_DIR/hub."""
+    if is_local_target(spec):
+        path = local_path(spec)
+        if not path.is_dir():
+            raise BadInput([f"{var}={spec!r}: no such directory. Fix: the path of a saved model or tokenizer, or a Hub repo id."])
+        return path
+    return hub(s).download(spec, Path(s.work_dir) / "hub", allow=allow)
+
+
 def next_after(stage: str, shard: int, shards_total: int) -> dict[str, Any] | None:
     """The state after finishing `shard` of `stage`: next shard, the instruct stage, or None (done)."""
     if shard + 1 < shards_total:

@@ -143,3 +143,31 @@ def test_the_tracking_check_says_where_the_metrics_go(env, monkeypatch):
     _in_process(env, monkeypatch)
     check = preflight.check_tracking(preflight.load_settings())
     assert check.ok and "/tmp/tracks" in check.finding and "wandb: offline" in check.finding and "'llama'" in check.finding
+
+
+def test_a_base_model_gives_the_shape_the_estimates_use_and_a_wrong_one_fails_its_own_check(env, tmp_path):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from architecture import config_kwargs, count_parameters, shape
+
+    arch = shape(512, 3, 1000)
+    with torch.device("meta"):
+        n = sum(p.numel() for p in LlamaForCausalLM(LlamaConfig(**config_kwargs(arch, 64))).parameters())
+    LlamaConfig(**config_kwargs(arch, 64)).save_pretrained(tmp_path / "base")
+    (tmp_path / "base" / "model.safetensors").write_bytes(b"")   # present (its contents are prep's to check)
+    (tmp_path / "base" / "tokenizer.json").write_text("{}")
+    rc, report, checks = _report({**env, "BASE_MODEL": str(tmp_path / "base")})
+    assert rc == 0, checks
+    assert list(checks)[-3:] == ["starting point", "memory", "disk"]
+    assert f"a Llama of {n:,} parameters (d=512, 3 layers" in checks["starting point"]["finding"]
+    assert count_parameters(checks["starting point"]["data"]["architecture"]) == n
+    rc_default, _, default = _report(env)
+    assert checks["memory"]["data"]["per_rank"]["weights"] > default["memory"]["data"]["per_rank"]["weights"]  # the base's size
+
+    cfg = json.loads((tmp_path / "base" / "config.json").read_text())
+    (tmp_path / "base" / "config.json").write_text(json.dumps({**cfg, "model_type": "mistral"}))
+    rc, _, checks = _report({**env, "BASE_MODEL": str(tmp_path / "base")})
+    assert rc == 2 and not checks["starting point"]["ok"] and "not 'llama'" in checks["starting point"]["fixes"][0]
+    rc, _, checks = _report({**env, "TOKENIZER": str(tmp_path / "nowhere")})
+    assert rc == 2 and "no such directory" in checks["starting point"]["fixes"][0]
