@@ -12,6 +12,16 @@ def _steps(h: dict[str, Any]) -> str:
     return f"{h.get('steps', '')} of {h['shard_steps']}" if h.get("skipped_steps") else f"{h.get('steps', '')}"
 
 
+def _start(record: dict[str, Any]) -> str:
+    """What the first run started from: trained tokenizer and fresh weights, or what BASE_MODEL / TOKENIZER named."""
+    origin = (record["history"][0] if record["history"] else {}).get("origin") or {}
+    base = origin.get("base_model")
+    weights = (f"the weights of `{base['source']}` ({base['copied']} tensors copied"
+               f"{'' if base['complete'] else ', the rest fresh'})" if base else "fresh weights")
+    tokenizer = f"the tokenizer of `{origin['tokenizer']}`" if origin.get("tokenizer") else "a byte-level BPE tokenizer trained on its data"
+    return f"{tokenizer} and {weights}"
+
+
 def render_card(record: dict[str, Any], target: str) -> str:
     """Markdown with Hub front matter, built only from the run-state record (which holds no secrets)."""
     arch = record["architecture"]
@@ -40,8 +50,8 @@ tags:
 
 # {where.rsplit('/', 1)[-1]}
 
-A Llama-architecture {"chat" if chat else "base"} model trained from scratch by train-llama: a byte-level BPE
-tokenizer and fresh weights, pretrained shard by shard{", then instruction-tuned" if chat else ""}.
+A Llama-architecture {"chat" if chat else "base"} model trained by train-llama: {_start(record)}, pretrained
+shard by shard{", then instruction-tuned" if chat else ""}.
 Status: {status}.
 
 ## Architecture
