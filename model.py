@@ -11,11 +11,11 @@ tensor names (`model.layers.N.self_attn.q_proj.weight` …), and it saves under 
 nothing of ours. TRL, DeepSpeed, PEFT (q_proj … down_proj), bitsandbytes NF4, gradient
 checkpointing, `generate()` and `pipeline()` see a Llama.
 
-Where it differs from transformers' class, for speed: q/k/v and gate/up each run as one matmul
-(the weights are concatenated in the forward and stored split, as the layout wants; layers that
-PEFT or bitsandbytes replaced run one by one), attention is one `scaled_dot_product_attention` call
+Where it differs from transformers' class: attention is one `scaled_dot_product_attention` call
 with the GQA groups broadcast instead of copied and no mask tensor unless left padding or a cache
-needs one, and the LM loss goes through `lm_loss`'s chunked head without full logits.
+needs one; generation runs a plain loop over a preallocated cache; the LM loss goes through
+`lm_loss`'s chunked head without full logits. Concatenating q/k/v and gate/up into one matmul each
+was measured and dropped: no gain in a training step on this CPU, and a loss when decoding.
 """
 
 from __future__ import annotations
@@ -88,19 +88,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # --- attention and MLP --------------------------------------------------------------------------------
 
 
-# Below this many tokens per call (decoding), copying the weights to concatenate them costs more
-# than the matmuls it merges.
-FUSE_MIN_TOKENS = 64
-
-
-def _fusable(x: torch.Tensor, *layers: nn.Module) -> bool:
-    """Whether these projections of `x` run as one matmul over their concatenated weights: plain
-    bias-free nn.Linear layers (not the LoRA or 4-bit layers PEFT and bitsandbytes put in their
-    place), and enough tokens to pay for the copy."""
-    return x.shape[:-1].numel() >= FUSE_MIN_TOKENS and all(type(layer) is nn.Linear and layer.bias is None
-                                                           for layer in layers)
-
-
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig, layer_idx: int) -> None:
         super().__init__()
@@ -116,12 +103,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 causal: bool, cache=None) -> torch.Tensor:
         B, T, _ = x.shape
-        if _fusable(x, self.q_proj, self.k_proj, self.v_proj):
-            w = torch.cat((self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))
-            q, k, v = F.linear(x, w).split((self.n_head * self.head_dim, self.n_kv * self.head_dim,
-                                             self.n_kv * self.head_dim), dim=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)    # (B, nkv, T, hd)
         v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
@@ -142,11 +124,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(ffn, d, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _fusable(x, self.gate_proj, self.up_proj):
-            gate, up = F.linear(x, torch.cat((self.gate_proj.weight, self.up_proj.weight))).chunk(2, dim=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(GradientCheckpointingLayer):
@@ -227,7 +205,7 @@ class Decoder(LlamaPreTrainedModel):
             past_key_values = DynamicCache(config=self.config)
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         if position_ids is None:
-            position_ids = torch.arange(past, past + T, device=x.device)[None].expand(B, T)
+            position_ids = torch.arange(past, past + T, device=x.device)[None]   # (1, T): one table for the batch
         mask, causal = attention_mask_for(attention_mask, T, past, x.device)
         cos, sin = self.rope(position_ids, x.dtype)
         for block in self.layers:

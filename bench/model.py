@@ -1,12 +1,15 @@
 """Our Llama (model.py) against transformers' LlamaForCausalLM, measured in the same run.
 
-    python bench/model.py [--steps 6] [--prompts 20] [--new-tokens 64]
+    python bench/model.py [--steps 10] [--prompts 20] [--new-tokens 64]
 
 - parity (fp32, same weights): max |Δlogit| on random weights, on a briefly trained model, and with
   left-padded batches; the loss and the largest gradient difference;
 - greedy generation: 64 tokens on 20 prompts with our KV cache (`model.generate`) against
   transformers' `generate()`; the share of prompts with identical tokens, and tokens/s of both at
   batch 1;
+- weight copy (`model.copy_weights`) of a 1B-preset checkpoint (vocabulary 32,000, bf16 safetensors)
+  into our model, in a fresh process: seconds, and peak RSS against the model's own bytes plus the
+  memory-mapped source's (what is above both is what the copy holds at once: one tensor);
 - training step: the throughput benchmark's ~27M model (d=512, 6 layers, vocab 8192, untied,
   sequences of 512, batch 8) in bf16, the step the trainer runs (decoder → chunked LM-head loss →
   backward → AdamW), alternated between the two classes; the median step time of each.
@@ -23,6 +26,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -130,12 +134,71 @@ def train_step_times(steps: int) -> dict[str, float]:
             "train_speedup": round(med["transformers"] / med["ours"], 3)}
 
 
+def copy_child(source: Path) -> None:
+    """In a fresh process: our model (uninitialised bf16 storage) filled from `source`; prints JSON."""
+    import resource
+
+    import torch
+    from transformers import LlamaConfig
+
+    import model as ours
+
+    config = LlamaConfig.from_pretrained(source)
+    with torch.device("meta"):
+        target = ours.LlamaForCausalLM(config)
+    target = target.to_empty(device="cpu").to(torch.bfloat16)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    t = time.perf_counter()
+    report = ours.copy_weights(target, source)
+    seconds = time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"seconds": seconds, "rss_before_copy": before, "peak_rss": peak, "complete": report.complete,
+                      "copied": len(report.copied)}))
+
+
+def weight_copy(size: str) -> dict[str, Any]:
+    import subprocess
+    import tempfile
+
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from architecture import config_kwargs, count_parameters, preset_shape
+
+    arch = preset_shape(size, 32000)
+    config = LlamaConfig(**config_kwargs(arch, 2048), dtype="bfloat16")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "src"
+        config.save_pretrained(src)
+        with torch.device("meta"):
+            names = {n: p.shape for n, p in LlamaForCausalLM(config).named_parameters()}
+        gen = torch.Generator().manual_seed(0)
+        save_file({n: (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16) for n, shape in names.items()},
+                  src / "model.safetensors", metadata={"format": "pt"})
+        source_bytes = (src / "model.safetensors").stat().st_size
+        out = subprocess.run([sys.executable, __file__, "--copy-child", str(src)], capture_output=True, text=True,
+                             check=True)
+        child = json.loads(out.stdout.strip().splitlines()[-1])
+    model_bytes = 2 * count_parameters(arch)
+    held = child["peak_rss"] - child["rss_before_copy"]
+    return {"copy_preset": size, "copy_parameters": count_parameters(arch), "copy_complete": child["complete"],
+            "copy_seconds": round(child["seconds"], 2), "copy_model_bytes": model_bytes, "copy_source_bytes": source_bytes,
+            "copy_peak_rss_bytes": child["peak_rss"], "copy_rss_growth_bytes": held,
+            "copy_growth_over_source": round(held / source_bytes, 3)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=6, help="timed training steps per class")
+    ap.add_argument("--steps", type=int, default=10, help="timed training steps per class (alternated; the median is kept)")
     ap.add_argument("--prompts", type=int, default=20)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--copy-size", default="1B", help="preset whose checkpoint the weight copy reads")
+    ap.add_argument("--copy-child", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.copy_child:
+        copy_child(args.copy_child)
+        return 0
 
     import torch
     from transformers import LlamaConfig
@@ -146,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = LlamaConfig(**config_kwargs(preset_shape("cpu", vocab), 256), pad_token_id=0, bos_token_id=1, eos_token_id=2)
     t0 = time.perf_counter()
     result = {**parity(cfg, vocab), **generation(cfg, vocab, args.prompts, args.new_tokens),
-              **train_step_times(args.steps)}
+              **train_step_times(args.steps), **weight_copy(args.copy_size)}
     import transformers
 
     result.update({"seconds": round(time.perf_counter() - t0, 1),
