@@ -13,7 +13,7 @@ from typing import Any
 # Named model sizes (MODEL_SIZE). Explicit shapes, by hidden size d, layers, heads and KV heads
 # (SwiGLU width ≈ 8/3·d unless given; the vocabulary is always VOCAB_SIZE / the tokenizer's):
 #   cpu    the CPU default, ~1-2M parameters: a first run in minutes on 2 cores
-#   small  the ~27M shape the throughput benchmark uses
+#   small  ~27M at an 8k vocabulary: a quick GPU try
 #   Nano   d=384, 6 layers, 6 heads (2 KV): ~10M + embeddings, torchtitan-style debug size
 #   Micro  d=768, 12 layers, 12 heads (4 KV): ~85M + embeddings, GPT-2-small-like
 #   Tiny   TinyLlama-1.1B's shape: d=2048, 22 layers, 32 heads (4 KV), SwiGLU 5632, untied

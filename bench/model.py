@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.append(str(Path(__file__).resolve().parent))  # throughput.py (after the root: this file is also "model")
 
 
 def pair(cfg, seed: int, noise: float = 0.05):
@@ -109,16 +110,16 @@ def train_step_times(steps: int) -> dict[str, float]:
     import torch
     from transformers import LlamaConfig
 
-    from architecture import config_kwargs, shape
+    from architecture import config_kwargs
     from lm_loss import causal_lm_loss
+    from throughput import BATCH, SEQ, VOCAB, bench_architecture
 
-    arch = {**shape(512, 6, 8192, heads=8, kv_heads=8), "tie_word_embeddings": False}
-    cfg = LlamaConfig(**config_kwargs(arch, 512), pad_token_id=0)
+    cfg = LlamaConfig(**config_kwargs(bench_architecture(), SEQ), pad_token_id=0)
     cfg._attn_implementation = "sdpa"
     hf, mine = pair(cfg, 2, noise=0.0)
     models = {"transformers": hf.to(torch.bfloat16).train(), "ours": mine.to(torch.bfloat16).train()}
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}
-    x = torch.randint(3, 8192, (8, 512), generator=torch.Generator().manual_seed(3))
+    x = torch.randint(3, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(x)
     times: dict[str, list[float]] = {k: [] for k in models}
     for i in range(steps + 1):

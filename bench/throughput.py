@@ -30,6 +30,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 D, LAYERS, HEADS, KV_HEADS, VOCAB, SEQ, BATCH = 512, 6, 8, 8, 8192, 512, 8
 
 
+def bench_architecture() -> dict:
+    """The benchmark's model: the shape rules at d=D (SwiGLU 1344), untied embeddings."""
+    from architecture import shape
+
+    return {**shape(D, LAYERS, VOCAB, HEADS, KV_HEADS), "tie_word_embeddings": False, "max_position_embeddings": SEQ}
+
+
 def matmul_peak_flops(dtype_name: str, n: int = 4096, reps: int = 6) -> float:
     """Best observed FLOP/s of an n×n matmul in `dtype_name` on this machine (all threads)."""
     import torch
@@ -109,9 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     s = load_settings({"BATCH_SIZE": str(BATCH), "MAX_LENGTH": str(SEQ), "SHARD_STEPS": str(total_steps),
                        "GRADIENT_CHECKPOINTING": "false", "TIME_BUDGET": "10h", "WORK_DIR": tempfile.mkdtemp()})
     precision = resolve_precision(s)
-    arch = dict(hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
-                head_dim=D // HEADS, intermediate_size=1344, vocab_size=VOCAB, tie_word_embeddings=False,
-                max_position_embeddings=SEQ)
+    arch = bench_architecture()
 
     def model():
         torch.manual_seed(0)

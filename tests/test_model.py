@@ -273,3 +273,22 @@ def test_derived_buffers_are_ignored_and_a_tied_source_feeds_an_untied_head(tmp_
     report = ours.copy_weights(untied, src)
     assert report.complete and sorted(report.ignored_buffers) == ["freqs_cis", "model.layers.0.self_attn.rotary_emb.inv_freq"]
     assert torch.equal(untied.lm_head.weight, hf.model.embed_tokens.weight)
+
+
+def test_transformers_pipeline_chats_with_our_model():
+    from transformers import pipeline
+
+    from prep import train_tokenizer
+
+    tok = train_tokenizer(["a baker bakes bread every day", "the cat sleeps on the mat"] * 50, 300, 128)
+    cfg = make_config(arch={"vocab_size": len(tok)})
+    torch.manual_seed(0)
+    mine = ours.LlamaForCausalLM(cfg).eval()
+    chat = pipeline("text-generation", model=mine, tokenizer=tok)
+    out = chat([{"role": "user", "content": "What does a baker do?"}], max_new_tokens=6, do_sample=False)
+    reply = out[0]["generated_text"][-1]
+    assert reply["role"] == "assistant" and isinstance(reply["content"], str)
+    enc = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, return_tensors="pt",
+                                  return_dict=True)
+    new = mine.generate(**enc, max_new_tokens=6, do_sample=False, eos_token_id=None)[0, enc["input_ids"].shape[1]:]
+    assert torch.equal(new, ours.generate(mine, enc["input_ids"], 6)[0])
