@@ -7,11 +7,18 @@ with the pin; then functional checks run on the current accelerator (GPU if ther
 CPU): a 4-bit NF4 linear forward through bitsandbytes, a LoRA wrap through PEFT, a DeepSpeed
 ZeRO-2 engine initialised and stepped once, a tiny BPE trained with tokenizers, and the `deepspeed`
 launcher on PATH. Each check passes or fails with its fix; exit 1 on any failure.
+
+A pass is remembered for this environment (the interpreter, its import path, every installed
+distribution and its version, the accelerator devices and variables, the `deepspeed` launcher and
+this script with its pins), under ~/.cache/train-llama: the next run in the same environment
+reports that pass instead of spending ~7 s repeating it. Anything that changes re-runs the checks;
+`--force` always does. Failures are never remembered.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import importlib.metadata as md
 import json
@@ -20,6 +27,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -169,13 +177,49 @@ def run_checks() -> list[dict]:
     return results
 
 
+def environment_fingerprint() -> str:
+    """What the checks' outcome depends on, hashed; cheap (no torch import)."""
+    dists = sorted(f"{d.metadata['Name']}=={d.version}@{getattr(d, '_path', '')}" for d in md.distributions())
+    devices = sorted(str(p) for p in Path("/dev").glob("nvidia*"))
+    parts = [os.path.realpath(sys.executable), sys.version, *sys.path, *dists, *devices,
+             *(f"{k}={os.environ.get(k, '')}" for k in ("DS_ACCELERATOR", "CUDA_VISIBLE_DEVICES", "LD_LIBRARY_PATH")),
+             str(shutil.which("deepspeed")), Path(__file__).read_text(), (HERE / "requirements.txt").read_text()]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:32]
+
+
+def cache_file(fingerprint: str) -> Path:
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "train-llama" / "validated" / f"{fingerprint}.json"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="validate_setup.py", description="Check the installed dependencies.")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--force", action="store_true", help="run every check even if this environment passed before")
     args = ap.parse_args(argv)
     redact.install()
-    results = run_checks()
+    cache = cache_file(environment_fingerprint())
+    cached = None
+    if not args.force and cache.exists():
+        try:
+            cached = json.loads(cache.read_text())
+        except (OSError, ValueError):
+            cached = None
+    results = cached["checks"] if cached else run_checks()
     ok = all(r["ok"] for r in results)
+    if cached:
+        msg = (f"validate_setup: this environment passed all {len(results)} checks at {cached['at']} and has not "
+               "changed since (--force runs them again)")
+        print(json.dumps({"ok": ok, "cached": True, "checks": results}) if args.json else msg)
+        return 0
+    if ok:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            staged = cache.with_suffix(f".tmp{os.getpid()}")
+            staged.write_text(json.dumps({"at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "checks": results}))
+            staged.replace(cache)
+        except OSError:
+            pass  # a read-only home only costs the next run the checks
     if args.json:
         print(json.dumps({"ok": ok, "checks": results}))
     else:

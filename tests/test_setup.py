@@ -65,3 +65,22 @@ def test_validate_setup_flags_a_wrong_pin(tmp_path, monkeypatch):
     assert not bad["ok"] and "pinned 0.0.1" in bad["finding"] and bad["fix"]
     missing = validate_setup.check_package("surely-not-installed-pkg", "1.0")
     assert not missing["ok"] and missing["finding"] == "not installed"
+
+
+def test_a_pass_is_remembered_for_this_environment_only(env, tmp_path):
+    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
+    first = run(py("validate_setup.py", "--json"), env, timeout=120)
+    assert first.returncode == 0 and not json.loads(first.stdout.strip().splitlines()[-1]).get("cached")
+    again = run(py("validate_setup.py"), env, timeout=120)
+    assert again.returncode == 0 and "passed all 22 checks at" in again.stdout and "has not changed since" in again.stdout
+    report = json.loads(run(py("validate_setup.py", "--json"), env, timeout=120).stdout.strip().splitlines()[-1])
+    assert report["cached"] and report["ok"] and {c["name"] for c in report["checks"]} >= {"deepspeed engine", "peft LoRA"}
+    forced = run(py("validate_setup.py", "--force"), env, timeout=120)
+    assert forced.returncode == 0 and "22/22 checks passed" in forced.stdout
+    # another import path (a package shadowed) is another environment: checked again, and it fails
+    fake = tmp_path / "shadow" / "peft"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('peft is broken here')\n")
+    broken = run(py("validate_setup.py"), {**env, "PYTHONPATH": str(tmp_path / "shadow")}, timeout=120)
+    assert broken.returncode == 1 and "[FAIL] peft" in broken.stdout
+    assert len(list((tmp_path / "cache" / "train-llama" / "validated").glob("*.json"))) == 1   # failures are not kept
