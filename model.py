@@ -135,6 +135,7 @@ class Block(GradientCheckpointingLayer):
         self.mlp = MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.compiled = None  # this block's forward through torch.compile (LlamaForCausalLM.compile_blocks)
 
     def forward(self, x, cos, sin, mask, causal, cache=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, causal, cache)
@@ -209,7 +210,10 @@ class Decoder(LlamaPreTrainedModel):
         mask, causal = attention_mask_for(attention_mask, T, past, x.device)
         cos, sin = self.rope(position_ids, x.dtype)
         for block in self.layers:
-            x = block(x, cos, sin, mask, causal, past_key_values)
+            if block.compiled is not None and past_key_values is None:  # generation (a cache) stays eager
+                x = block.compiled(x, cos, sin, mask, causal)
+            else:
+                x = block(x, cos, sin, mask, causal, past_key_values)
         return BaseModelOutputWithPast(last_hidden_state=self.norm(x), past_key_values=past_key_values)
 
 
@@ -224,6 +228,14 @@ class LlamaForCausalLM(LlamaPreTrainedModel, GenerationMixin):
         self.model = Decoder(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    def compile_blocks(self) -> None:
+        """torch.compile each decoder block (its norms, RoPE, attention and SwiGLU fused into fewer
+        kernels), with dynamic shapes from the start: batches of other sizes and lengths (the last
+        batch, validation, padded chats) reuse the same compiled code instead of recompiling. Calls
+        with a KV cache (generation) run eager: a growing cache would recompile at every token."""
+        for block in self.model.layers:
+            block.compiled = torch.compile(block.forward)
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values=None,

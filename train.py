@@ -116,6 +116,13 @@ def build_trainer(s: Settings, prepared: Path, out: Path, precision: str, callba
         model = add_lora(model, s, ckpt, precision)
     else:
         model = llama_class(s.model_impl).from_pretrained(prepared / "model", dtype=torch.float32, attn_implementation="sdpa")
+    if s.compile:
+        if manifest["train_format"] == "nf4" or ckpt:
+            log(f"COMPILE=true: not compiling ({'NF4 + LoRA layers' if manifest['train_format'] == 'nf4' else 'gradient checkpointing'}: "
+                "compiled blocks serve full-precision training without it)")
+        else:
+            model.compile_blocks()
+            log("COMPILE=true: each decoder block compiles on its first step (once per shape; cached for later runs)")
     cpu = not torch.cuda.is_available()
     configure_trackers(s, out, manifest)
     args = SFTConfig(

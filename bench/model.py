@@ -1,6 +1,6 @@
 """Our Llama (model.py) against transformers' LlamaForCausalLM, measured in the same run.
 
-    python bench/model.py [--steps 10] [--prompts 20] [--new-tokens 64]
+    python bench/model.py [--steps 20] [--prompts 20] [--new-tokens 64]
 
 - parity (fp32, same weights): max |Δlogit| on random weights, on a briefly trained model, and with
   left-padded batches; the loss and the largest gradient difference;
@@ -12,7 +12,9 @@
   memory-mapped source's (what is above both is what the copy holds at once: one tensor);
 - training step: the throughput benchmark's ~27M model (d=512, 6 layers, vocab 8192, untied,
   sequences of 512, batch 8) in bf16, the step the trainer runs (decoder → chunked LM-head loss →
-  backward → AdamW), alternated between the two classes; the median step time of each.
+  backward → AdamW), alternated between transformers' class, ours, and ours with COMPILE (each
+  block through torch.compile, dynamic shapes); the median step time of each, and the compile's
+  one-time cost (its first step less the median).
 
 Prints one JSON line.
 """
@@ -117,22 +119,31 @@ def train_step_times(steps: int) -> dict[str, float]:
     cfg = LlamaConfig(**config_kwargs(bench_architecture(), SEQ), pad_token_id=0)
     cfg._attn_implementation = "sdpa"
     hf, mine = pair(cfg, 2, noise=0.0)
-    models = {"transformers": hf.to(torch.bfloat16).train(), "ours": mine.to(torch.bfloat16).train()}
+    _, compiled = pair(cfg, 2, noise=0.0)
+    compiled.compile_blocks()
+    models = {"transformers": hf.to(torch.bfloat16).train(), "ours": mine.to(torch.bfloat16).train(),
+              "ours_compiled": compiled.to(torch.bfloat16).train()}
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}
     x = torch.randint(3, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(x)
     times: dict[str, list[float]] = {k: [] for k in models}
+    first: dict[str, float] = {}
     for i in range(steps + 1):
         for k, m in models.items():
             t = time.perf_counter()
             out = m.model(input_ids=x, attention_mask=mask, use_cache=False)
             causal_lm_loss(out.last_hidden_state, m.lm_head.weight, x).backward()
             opts[k].step(), opts[k].zero_grad()
-            if i:  # the first step of each warms up
+            if i:  # the first step of each warms up (and compiles)
                 times[k].append(time.perf_counter() - t)
+            else:
+                first[k] = time.perf_counter() - t
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"train_step_s_ours": round(med["ours"], 4), "train_step_s_transformers": round(med["transformers"], 4),
-            "train_speedup": round(med["transformers"] / med["ours"], 3)}
+            "train_step_s_ours_compiled": round(med["ours_compiled"], 4),
+            "train_speedup": round(med["transformers"] / med["ours"], 3),
+            "train_speedup_compiled": round(med["transformers"] / med["ours_compiled"], 3),
+            "compile_s": round(first["ours_compiled"] - med["ours_compiled"], 1)}
 
 
 def copy_child(source: Path) -> None:
@@ -191,7 +202,7 @@ def weight_copy(size: str) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=10, help="timed training steps per class (alternated; the median is kept)")
+    ap.add_argument("--steps", type=int, default=20, help="timed training steps per class (alternated; the median is kept)")
     ap.add_argument("--prompts", type=int, default=20)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--copy-size", default="1B", help="preset whose checkpoint the weight copy reads")

@@ -46,6 +46,7 @@ CASES = {
     "BEST_MODEL": ("false", False, "maybe"),
     "PRECISION": ("fp16", "fp16", "bf32"),
     "MODEL_IMPL": ("ours", "ours", "mine"),
+    "COMPILE": ("false", False, "fast"),
     "BASE_MODEL": ("./base", "./base", "not a repo id"),
     "BASE_MODEL_PARTIAL": ("true", True, "maybe"),
     "TOKENIZER": ("someone/tok", "someone/tok", "a b"),

@@ -197,8 +197,8 @@ def test_nf4_loads_into_our_model_and_runs(tmp_path):
 
 @pytest.mark.slow
 def test_the_pipeline_trains_with_our_model_and_publishes_a_transformers_llama(tmp_path):
-    """MODEL_IMPL=ours through trainer.sh: full-precision shard 0, then NF4 + LoRA on shard 1 (merged),
-    against MODEL_IMPL=transformers on the same shard 0."""
+    """MODEL_IMPL=ours with COMPILE through trainer.sh: full-precision shard 0 (compiled blocks), then
+    NF4 + LoRA on shard 1 (merged; not compiled), against MODEL_IMPL=transformers on the same shard 0."""
     from conftest import make_env, record, run
 
     base = {**make_env(tmp_path), "MAX_RUNS": "1"}
@@ -206,8 +206,10 @@ def test_the_pipeline_trains_with_our_model_and_publishes_a_transformers_llama(t
     p = run(["./trainer.sh"], {**theirs_env, "MODEL_IMPL": "transformers"}, timeout=600)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     for use_quant, shard in (("false", 0), ("true", 1)):
-        p = run(["./trainer.sh"], {**base, "MODEL_IMPL": "ours", "USE_QUANT": use_quant}, timeout=600)
+        p = run(["./trainer.sh"], {**base, "MODEL_IMPL": "ours", "USE_QUANT": use_quant, "COMPILE": "true"}, timeout=600)
         assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+        assert ("each decoder block compiles on its first step" if shard == 0 else "COMPILE=true: not compiling (NF4") in p.stdout
+        assert "recompile" not in p.stdout + p.stderr
         last = record(base["OUTPUT_REPO"])["history"][-1]
         assert last["shard"] == shard and last["eval_loss"] < last["eval_loss_before"]
         conf = json.loads((tmp_path / "out" / "llama" / "config.json").read_text())
