@@ -80,7 +80,24 @@ def parity(cfg, vocab: int) -> dict[str, float]:
     grads = dict(mine.named_parameters())
     grad_rel = max(((grads[n].grad - p.grad).abs().max() / p.grad.abs().max().clamp(min=1e-12)).item()
                    for n, p in hf.named_parameters())
+    # bf16: ours against transformers (SDPA), next to transformers against itself (SDPA vs eager)
+    from transformers import LlamaForCausalLM as HF
+
+    import copy
+
+    eager = HF(copy.deepcopy(cfg))  # its own config: the attention backend is set on it
+    eager.load_state_dict(hf.state_dict())
+    eager.config._attn_implementation = "eager"
+    with torch.no_grad():
+        truth = hf.eval()(x).logits.float()  # fp32
+        sdpa, ours_, eager_ = (m.to(torch.bfloat16).eval()(x).logits.float() for m in (hf, mine, eager))
     return {"max_abs_logit_diff_fp32": max(random_diff, trained_diff, padded_diff),
+            "bf16_diff_ours_vs_transformers": (ours_ - sdpa).abs().max().item(),
+            "bf16_diff_transformers_sdpa_vs_eager": (sdpa - eager_).abs().max().item(),
+            # against the fp32 logits: transformers' bf16 model also rounds its RoPE frequencies to bf16
+            "bf16_error_vs_fp32_ours": (ours_ - truth).abs().max().item(),
+            "bf16_error_vs_fp32_transformers": (sdpa - truth).abs().max().item(),
+            "bf16_error_vs_fp32_transformers_eager": (eager_ - truth).abs().max().item(),
             "logit_diff_random": random_diff, "logit_diff_trained": trained_diff, "logit_diff_padded": padded_diff,
             "loss_diff": abs(la.item() - lb.item()), "max_grad_diff_rel": grad_rel}
 

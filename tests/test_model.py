@@ -63,6 +63,21 @@ def test_logits_loss_and_gradients_match_transformers_in_fp32(rope, tied):
         torch.testing.assert_close(grads[name].grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_in_bf16_our_logits_are_as_close_to_fp32_as_transformers_are():
+    """bf16 rounds differently in each implementation (transformers' bf16 model even rounds its RoPE
+    frequencies); the measure is the distance to the fp32 logits, next to transformers' own."""
+    hf, mine = pair(make_config())
+    eager = HFLlama(make_config())
+    eager.load_state_dict(hf.state_dict())
+    eager.config._attn_implementation = "eager"
+    x = torch.randint(3, VOCAB, (2, 100))
+    with torch.no_grad():
+        truth = hf(x).logits
+        sdpa, ours_, eager_ = (m.to(torch.bfloat16).eval()(x).logits.float() for m in (hf, mine, eager))
+    theirs = max((sdpa - truth).abs().max(), (eager_ - truth).abs().max())
+    assert 0 < (ours_ - truth).abs().max() <= theirs
+
+
 def test_llama31_frequency_scaling_matches_transformers():
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
