@@ -2,7 +2,7 @@
 
     python bench/quant.py [--pretrain-steps 150] [--lora-steps 300]
 
-1. Merge fidelity. A tiny Llama (the `tiny` preset) is pretrained in bf16 on the embedded corpus,
+1. Merge fidelity. A tiny Llama (the `cpu` preset) is pretrained in bf16 on the embedded corpus,
    converted to NF4 (quant_utils.convert) and trained with LoRA for --lora-steps steps. Perplexity on
    held-out blocks of (a) the adapter on the dequantized base (each 4-bit base layer replaced by its
    bf16 dequantization, adapters unmerged), (b) our merge (quant_utils.to_float: fp32 merge, plain
