@@ -549,8 +549,9 @@ def architecture(s: Settings) -> dict[str, Any]:
             arch = shape(s.factor, max(1, s.factor // 64), s.vocab_size)
         else:
             arch = preset_shape(s.model_size or DEFAULT_PRESET, s.vocab_size)
-    except ValueError:
-        raise SettingsError([f"TARGET_PARAMETERS={s.target_parameters}: no Llama shape fits with VOCAB_SIZE={s.vocab_size}. "
+    except ValueError:  # a parameter target (TARGET_PARAMETERS, or a preset that is one) no shape reaches
+        named = f"TARGET_PARAMETERS={s.target_parameters}" if s.target_parameters is not None else f"MODEL_SIZE={s.model_size}"
+        raise SettingsError([f"{named}: no Llama shape fits with VOCAB_SIZE={s.vocab_size}. "
                              "Fix: a larger target or a smaller vocabulary."]) from None
     return config_kwargs(arch, s.max_length)
 

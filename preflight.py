@@ -26,7 +26,7 @@ from typing import Any, Callable
 import redact
 from architecture import count_parameters
 from config import EXIT_BAD_INPUT, BadInput, Settings, architecture, cpu_has_bf16, is_local_target, load_settings, local_path
-from util import HubError, RunPlan, fetch, hub, plan_run
+from util import HubError, RunPlan, fetch, hub, llama_config, plan_run
 
 
 @dataclass
@@ -185,14 +185,7 @@ def check_start(s: Settings, plan: RunPlan) -> Check:
     found, data = [], {}
     if s.base_model:
         src = fetch("BASE_MODEL", s.base_model, s, ["config.json", "model.safetensors.index.json"])
-        try:
-            cfg = json.loads((src / "config.json").read_text())
-        except (OSError, ValueError) as e:
-            raise BadInput([f"BASE_MODEL={s.base_model!r}: no readable config.json ({type(e).__name__}). "
-                            "Fix: a saved Hugging Face Llama (a local directory or a Hub repo id)."]) from None
-        if not isinstance(cfg, dict) or cfg.get("model_type") != "llama":
-            raise BadInput([f"BASE_MODEL={s.base_model!r}: model_type {cfg.get('model_type') if isinstance(cfg, dict) else None!r}, "
-                            "not 'llama'. Fix: a Llama-architecture model."])
+        cfg = llama_config("BASE_MODEL", s.base_model, src)
         if is_local_target(s.base_model) and not ((src / "model.safetensors").exists() or (src / "model.safetensors.index.json").exists()):
             raise BadInput([f"BASE_MODEL={s.base_model!r}: no model.safetensors (or its index). Fix: save the model with "
                             "safetensors (save_pretrained does by default)."])

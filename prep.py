@@ -32,7 +32,7 @@ from config import (BadInput, failure_exit, quiet_disk_full_in_threads, RunFailu
 from quant_utils import convert, non_finite_tensors, verify_checkpoint
 from output_lock import acquire
 from run_state import validate_checkpoint
-from util import RunPlan, fetch, hub, link_or_copy, materialize, plan_run, read_record
+from util import RunPlan, fetch, hub, link_or_copy, llama_config, materialize, plan_run, read_record
 
 BOS, EOS, PAD, UNK = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>", "<|unk|>"
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
@@ -230,14 +230,7 @@ def base_model(s: Settings, tok, out: Path) -> tuple[dict[str, Any], dict[str, A
 
     var, spec = "BASE_MODEL", s.base_model
     src = fetch(var, spec, s, ["config.json", "*.safetensors", "model.safetensors.index.json"])
-    try:
-        raw = json.loads((src / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise BadInput([f"{var}={spec!r}: no readable config.json ({type(e).__name__}). Fix: a saved Hugging Face model."]) from None
-    if not isinstance(raw, dict) or raw.get("model_type") != "llama":
-        raise BadInput([f"{var}={spec!r}: model_type {raw.get('model_type') if isinstance(raw, dict) else None!r}, "
-                        "not 'llama'. Fix: a Llama-architecture model."])
-    config = LlamaConfig.from_pretrained(src)
+    config = LlamaConfig.from_dict(llama_config(var, spec, src))
     if config.vocab_size != len(tok):
         raise BadInput([f"{var}={spec!r}: its embeddings have {config.vocab_size} rows but the tokenizer has {len(tok)} "
                         "tokens. Fix: the base model's own tokenizer (leave TOKENIZER unset), or a model and tokenizer that match."])

@@ -139,6 +139,19 @@ def fetch(var: str, spec: str, s: Settings, allow: list[str]) -> Path:
     return hub(s).download(spec, Path(s.work_dir) / "hub", allow=allow)
 
 
+def llama_config(var: str, spec: str, src: Path) -> dict[str, Any]:
+    """The config.json in `src` (what setting `var` = `spec` names), which must describe a Llama."""
+    try:
+        cfg = json.loads((src / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise BadInput([f"{var}={spec!r}: no readable config.json ({type(e).__name__}). "
+                        "Fix: a saved Hugging Face Llama (a local directory or a Hub repo id)."]) from None
+    if not isinstance(cfg, dict) or cfg.get("model_type") != "llama":
+        raise BadInput([f"{var}={spec!r}: model_type {cfg.get('model_type') if isinstance(cfg, dict) else None!r}, "
+                        "not 'llama'. Fix: a Llama-architecture model."])
+    return cfg
+
+
 def next_after(stage: str, shard: int, shards_total: int) -> dict[str, Any] | None:
     """The state after finishing `shard` of `stage`: next shard, the instruct stage, or None (done)."""
     if shard + 1 < shards_total:
