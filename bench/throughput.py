@@ -133,6 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     model().save_pretrained(prepared / "model")
     (prepared / "manifest.json").write_text(json.dumps({"architecture": arch, "train_format": "float", "run_id": "bench",
                                                         "plan": {"stage": "pretrain", "shard": 0}}))
+    # DeepSpeed's CPU comm op is built under our build lock, as train.fit does: another process
+    # building it at the same time would otherwise make this engine's own build fail.
+    from jit_ops import load_comm_op
+
+    load_comm_op(lambda msg: None)
     clock = StepClock()
     trainer, _, _ = train.build_trainer(s, prepared, work, precision, [clock])
     ours = measure(trainer, clock, warmup)
