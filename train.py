@@ -53,6 +53,17 @@ def use_gradient_checkpointing(s: Settings, arch: dict[str, Any], precision: str
     return me.plan(s, arch, precision, nf4=nf4, world=world, gpu=gpu, gpus=gpus, available=available)["checkpointing"]
 
 
+def checkpointing_arg(on: bool) -> dict[str, bool]:
+    """Gradient checkpointing as TrainingArguments names it: `activation_checkpointing` in the
+    transformers we pin, `gradient_checkpointing` in earlier 5.x releases (a GPU machine's own)."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": on}
+
+
 def build_trainer(s: Settings, prepared: Path, out: Path, precision: str, callbacks: list):
     """The TRL SFT trainer over the prepared datasets, with DeepSpeed ZeRO-2 and this run's schedule."""
     import torch
@@ -141,7 +152,7 @@ def build_trainer(s: Settings, prepared: Path, out: Path, precision: str, callba
         fp16=precision == "fp16",
         use_cpu=cpu,
         deepspeed=deepspeed_config(s, precision),
-        activation_checkpointing=ckpt,
+        **checkpointing_arg(ckpt),
         seed=s.seed,
         data_seed=s.seed,
         logging_steps=max(1, min(50, len(train_ds) // (s.batch_size * 20) or 1)),
@@ -314,6 +325,18 @@ def make_status_callback():
     return StatusFeed()
 
 
+def all_ranks_max(values: list[float]) -> list[float]:
+    """The element-wise maximum over every rank. The tensor lives where the process group's backend
+    reduces: on this rank's GPU under NCCL (which has no CPU tensors), in RAM under gloo."""
+    import torch
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor(values, dtype=torch.float32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
 def make_budget_callback(started: float, until: float, run_steps: int | None = None, periodic=None):
     from transformers import TrainerCallback
 
@@ -364,12 +387,10 @@ def make_budget_callback(started: float, until: float, run_steps: int | None = N
                    else 1.0 if run_steps and state.global_step - self.start_step >= run_steps else 0.0)
             due = self.periodic is not None and self.periodic.due()
             if dist.is_available() and dist.is_initialized():
-                import torch
 
                 # Rank 0 decides whether a checkpoint is due: it alone publishes and knows what one costs.
-                flags = torch.tensor([why, (0.0 if due else 1.0) if dist.get_rank() == 0 else 0.0])
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                why, due = float(flags[0].item()), flags[1].item() == 0.0
+                why, not_due = all_ranks_max([why, (0.0 if due else 1.0) if dist.get_rank() == 0 else 0.0])
+                due = not_due == 0.0
             if state.global_step >= state.max_steps:
                 return control  # the shard is finished: no stop, no periodic save
             if why:
@@ -666,9 +687,7 @@ def make_evaluator(s: Settings, trainer, tok, work: Path, manifest: dict[str, An
         except StopRequested:
             loss, stopped = math.nan, 1.0
         if dist.is_available() and dist.is_initialized():
-            flag = torch.tensor([stopped])
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stopped = float(flag.item())
+            (stopped,) = all_ranks_max([stopped])
         return None if stopped else loss
 
     def save_best(path: Path) -> None:
