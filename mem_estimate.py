@@ -17,7 +17,8 @@ The model of a run (per rank; one rank per GPU, or every rank in the same RAM on
   so the full logits never exist.
 - the end of the run: the published copy of the model (and, with USE_QUANT, the fp32 merge of one
   layer at a time) while the training state is still held.
-- a workspace measured on top of these (DeepSpeed's flat copies; bitsandbytes' CPU repacking).
+- on CPU, a workspace measured on top of these (DeepSpeed's flat copies; bitsandbytes' CPU
+  repacking); on GPU none, and fewer activations kept (the factor below, measured on an H200).
 - the runtime: the framework itself (CUDA context, or the imported libraries on CPU).
 """
 
@@ -33,14 +34,18 @@ from architecture import LORA_TARGETS, count_parameters, layer_shapes
 # contiguous groups while the originals are still alive (1.2-6 bytes/parameter measured, noisy).
 # NF4 + LoRA on CPU: bitsandbytes dequantizes each layer to bf16 in its forward and backward, the
 # merge builds fp32 layers one at a time beside the merged copy, and the allocator keeps those pages
-# (2.1-5.4 bytes/parameter measured, the most on the smallest model). On GPU the dequantization is
-# per layer and transient: the NF4 figure there is the merge's conversion buffer, an assumption not
-# measured here.
+# (2.1-5.4 bytes/parameter measured, the most on the smallest model).
 FULL_INIT_BYTES_PER_PARAM = 3.5
 NF4_CPU_BYTES_PER_PARAM = 3.0
-NF4_GPU_BYTES_PER_PARAM = 2.0
 RUNTIME_CPU_BYTES = 550 * 2**20  # torch + transformers + deepspeed + trl + bitsandbytes + peft imported (measured 506 MiB)
-RUNTIME_GPU_BYTES = 600 * 2**20  # CUDA context and kernels (not measured here)
+# Measured by bench/gpu.sh on an NVIDIA H200 (CUDA 13.0, torch 2.11, 1B preset, batch 8 x 2048, bf16;
+# the peak is what torch's allocator reserved): no workspace beyond the terms above, full or NF4
+# (DeepSpeed flattens the weights without a second GPU copy; the NF4 dequantization is per layer and
+# transient); the activations kept are 0.68-0.79 of the values counted above (bf16 and flash-attention
+# kernels keep fewer intermediates than the CPU's), so 0.75 of them; the CUDA context and kernels
+# take 1.79 GB beside the allocator's memory.
+GPU_ACTIVATION_FACTOR = 0.75
+RUNTIME_GPU_BYTES = 1700 * 2**20
 REDUCE_BUCKET = 5e7  # config.deepspeed_config's reduce_bucket_size (elements)
 
 
@@ -111,17 +116,19 @@ def estimate(arch: dict[str, Any], *, precision: str, batch: int, seq: int, chec
         # 4-bit codes + one fp8 scale per block of 64 + fp32 scales of those per 256 blocks
         weights = int(quantized * (0.5 + 1 / 64 + 4 / (64 * 256))) + (params - quantized) * half + trainable * half
         loading = weights
-        workspace = int(params * (NF4_GPU_BYTES_PER_PARAM if gpu else NF4_CPU_BYTES_PER_PARAM))
+        workspace = 0 if gpu else int(params * NF4_CPU_BYTES_PER_PARAM)
     else:
         trainable = params
         weights = params * half
         loading = params * 4  # from_pretrained in fp32, then cast
-        workspace = int(params * FULL_INIT_BYTES_PER_PARAM)
+        workspace = 0 if gpu else int(params * FULL_INIT_BYTES_PER_PARAM)
     states = 16 if precision != "fp32" else 12  # master fp32 (not in fp32 runs) + m + v + fp32 grads
     optimizer = -(-trainable * states // world)
     gradients = trainable * half + int(REDUCE_BUCKET * half)  # DeepSpeed allocates the whole bucket
     lora = (lora_r, lora_targets or list(LORA_TARGETS), lora_dropout) if nf4 else None
     activations = activation_bytes(arch, batch, seq, precision, checkpointing, lora)
+    if gpu:
+        activations = int(activations * GPU_ACTIVATION_FACTOR)
     # After training: the published copy in the storage dtype beside everything above.
     final_copy = params * half
     train_phase = weights + optimizer + gradients + activations
