@@ -6,7 +6,7 @@ TORCH_VERSION     := 2.13.0
 DEEPSPEED_VERSION := 0.19.8
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup chromium run test test-fast bench clean
+.PHONY: setup chromium run test test-fast bench gpu-wheels gpu-check gpu-dry-run clean
 
 setup: $(STAMP)
 
@@ -47,6 +47,28 @@ bench: setup
 	$(PY) bench/memory.py
 	$(PY) bench/resume.py
 	$(PY) bench/hub_faults.py
+
+# bench/gpu.sh on a machine with NVIDIA GPUs, its own CUDA torch and no network: the libraries it
+# lacks, as wheels for its Python (GPU_PYTHON), in .whl/ (~48 MB): ours at the pins, their own
+# dependencies at the versions installed here, deepspeed built here without compiled ops. Carry .whl/
+# to that machine beside the checkout; bench/gpu.sh installs them there.
+GPU_PYTHON ?= 3.12
+GPU_WHEEL_PACKAGES := trl peft bitsandbytes datasets dill multiprocess pydantic pydantic_core pydantic-settings \
+                      annotated-types typing_inspection python-dotenv hjson
+gpu-wheels: setup
+	rm -rf .whl && mkdir -p .whl
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 -d .whl \
+	  $$($(PY) -c "import importlib.metadata as m; print(*(f'{n}=={m.version(n)}' for n in '$(GPU_WHEEL_PACKAGES)'.split()))")
+	DS_BUILD_OPS=0 $(PY) -m pip wheel -q --no-deps --no-build-isolation deepspeed==$(DEEPSPEED_VERSION) -w .whl
+	@ls .whl; du -sh .whl
+
+# The GPU checks (needs a GPU), and their flow on this machine without one (small sizes, CPU).
+gpu-check:
+	bench/gpu.sh
+gpu-dry-run: setup
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" PYTHON=$(PY) GPU_WHEELS=/nonexistent bench/gpu.sh --dry-run
 
 clean:
 	rm -rf work output

@@ -198,7 +198,7 @@ class _FileSource(PydanticBaseSettingsSource):
         for k, v in data.items():
             if str(k).upper() == "HF_TOKEN" and v is not None:
                 redact.add(str(v))
-        known = _known_names()
+        known = known_names()
         unknown = [k for k in data if str(k).upper() not in known]
         if unknown:
             raise SettingsError([
@@ -226,7 +226,8 @@ def _yaml_load(text: str) -> Any:
     return yaml.safe_load(text) or {}
 
 
-def _known_names() -> set[str]:
+def known_names() -> set[str]:
+    """Every environment name a setting answers to (for a clean environment: drop these)."""
     names = set()
     for name, f in Settings.model_fields.items():
         names.add(name.upper())

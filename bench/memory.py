@@ -2,13 +2,15 @@
 
     python bench/memory.py [--sizes 20M,60M,120M] [--batch 4] [--seq 256] [--steps 3] [--checkpointing off,on]
 
-For each model size x {bf16 full training, NF4 base + LoRA} x gradient checkpointing, one process
-runs train.py's own `fit` (TRL + DeepSpeed ZeRO-2, validation before and after, the LoRA merge, the
-final save) on a prepared directory with a fresh model of that size. Measured: the process's peak
-resident memory (VmHWM) minus its resident memory once the libraries are imported (what
-`training_bytes` of the estimate stands for), and the whole process's peak beside the estimate with
-the runtime included. Prints one JSON line with `cases`, `table` and `max_abs_rel_error` (over the
-training figures).
+For each model size (a parameter count, or a preset name such as 1B) x {bf16 full training, NF4
+base + LoRA} x gradient checkpointing, one process runs train.py's own `fit` (TRL + DeepSpeed
+ZeRO-2, validation before and after, the LoRA merge, the final save) on a prepared directory with a
+fresh model of that size. Measured on CPU: the process's peak resident memory (VmHWM) minus its
+resident memory once the libraries are imported (what `training_bytes` of the estimate stands for),
+and the whole process's peak beside the estimate with the runtime included. On a GPU: the peak GPU
+memory the run reserved (torch's allocator) for the training figure, and that plus the CUDA
+context (the device's used memory beyond what torch reserved) for the whole. Prints one JSON line
+with `cases`, `table` and `max_abs_rel_error` (over the training figures).
 """
 
 from __future__ import annotations
@@ -34,6 +36,21 @@ def rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def process_gpu_bytes() -> int | None:
+    """GPU memory the driver counts for this process (NVML), or None where it cannot say."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            if p.pid == os.getpid() and p.usedGpuMemory:
+                return int(p.usedGpuMemory)
+    except Exception:  # noqa: BLE001 - no NVML, another PID namespace: no figure
+        return None
+    return None
+
+
 def make_model(target: str, seq: int, out: Path) -> dict:
     """A fresh Llama of about `target` parameters (the pipeline's own shape rule) saved in `out`, and
     its NF4 conversion in `out`-nf4."""
@@ -41,12 +58,14 @@ def make_model(target: str, seq: int, out: Path) -> dict:
     import transformers
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from architecture import PRESETS
     from config import architecture, load_settings
     from quant_utils import convert
 
     transformers.utils.logging.disable_progress_bar()
 
-    arch = architecture(load_settings({"TARGET_PARAMETERS": target, "MAX_LENGTH": str(seq)}))
+    size = {"MODEL_SIZE": target} if target in PRESETS else {"TARGET_PARAMETERS": target}
+    arch = architecture(load_settings({**size, "MAX_LENGTH": str(seq)}))
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(**arch)).save_pretrained(out)
     convert(out, out.with_name(out.name + "-nf4"), "nf4", "bf16")
@@ -55,8 +74,11 @@ def make_model(target: str, seq: int, out: Path) -> dict:
 
 def measure(case: str, model_dir: str, batch: int, seq: int, steps: int, checkpointing: bool) -> dict:
     """Runs in its own process: train.fit on a prepared directory holding the model; peak memory."""
+    import torch
+
+    cuda = torch.cuda.is_available()
     for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                 "MASTER_PORT": str(29300 + os.getpid() % 500), "DS_ACCELERATOR": "cpu"}.items():
+                 "MASTER_PORT": str(29300 + os.getpid() % 500), **({} if cuda else {"DS_ACCELERATOR": "cpu"})}.items():
         os.environ.setdefault(k, v)
     import contextlib
     import io
@@ -65,7 +87,6 @@ def measure(case: str, model_dir: str, batch: int, seq: int, steps: int, checkpo
     import datasets
     import deepspeed  # noqa: F401
     import peft  # noqa: F401
-    import torch
     import transformers
     import trl  # noqa: F401
 
@@ -103,6 +124,16 @@ def measure(case: str, model_dir: str, batch: int, seq: int, steps: int, checkpo
     shutil.rmtree(work, ignore_errors=True)
     if rc != 0:
         raise RuntimeError(f"train.fit exited {rc}")
+    if cuda:
+        used = process_gpu_bytes()  # this process's use of the GPU, as the driver counts it
+        if used is None:  # no per-process figure: the device's (this process alone on it)
+            free, total = torch.cuda.mem_get_info()
+            used = total - free
+        context = max(0, used - torch.cuda.memory_reserved())  # what torch's allocator does not hold
+        reserved = torch.cuda.max_memory_reserved()
+        return {"gpu": torch.cuda.get_device_name(0), "peak_reserved_bytes": reserved,
+                "peak_allocated_bytes": torch.cuda.max_memory_allocated(), "cuda_context_bytes": context,
+                "training_peak_bytes": reserved, "process_peak_bytes": reserved + context, "host_peak_kib": peak}
     return {"runtime_kib": before, "peak_kib": peak, "training_peak_bytes": (peak - before) * 1024,
             "process_peak_bytes": peak * 1024}
 
@@ -124,24 +155,38 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--checkpointing", default="off,on", help="gradient checkpointing settings to run: off, on or both")
     ap.add_argument("--measure", nargs=6, help=argparse.SUPPRESS)
+    ap.add_argument("--make", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.make:
+        target, seq, out = args.make
+        print(json.dumps(make_model(target, int(seq), Path(out))))
+        return 0
     if args.measure:
         case, model_dir, batch, seq, steps, ckpt = args.measure
         print(json.dumps(measure(case, model_dir, int(batch), int(seq), int(steps), ckpt == "on")))
         return 0
 
+    import torch
+
     from architecture import count_parameters
     from mem_estimate import estimate
+
+    gpu = torch.cuda.is_available()
 
     work = Path(tempfile.mkdtemp(prefix="bench-memory-"))
     cases, table = [], []
     for size in args.sizes.split(","):
-        arch = make_model(size, args.seq, work / size)
+        # In its own process: the NF4 conversion runs on the GPU, whose memory this one must not hold.
+        made = subprocess.run([sys.executable, __file__, "--make", size, str(args.seq), str(work / size)],
+                              capture_output=True, text=True)
+        if made.returncode != 0:
+            raise RuntimeError(f"building the {size} model failed:\n{made.stderr[-4000:]}")
+        arch = json.loads(made.stdout.strip().splitlines()[-1])
         n = count_parameters(arch)
         for case in ("full", "nf4"):
             for ckpt in args.checkpointing.split(","):
                 on = ckpt == "on"
-                est = estimate(arch, precision="bf16", batch=args.batch, seq=args.seq, checkpointing=on, nf4=case == "nf4")
+                est = estimate(arch, precision="bf16", batch=args.batch, seq=args.seq, checkpointing=on, nf4=case == "nf4", gpu=gpu)
                 got = run_case(case, work / size, args.batch, args.seq, args.steps, on)
                 err = est.training_bytes / got["training_peak_bytes"] - 1
                 cases.append({"size": size, "parameters": n, "mode": "bf16 full" if case == "full" else "NF4+LoRA",
@@ -156,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
                       "max_abs_rel_error": round(max(abs(c["rel_error"]) for c in cases), 4),
                       "max_abs_process_rel_error": round(max(abs(c["process_rel_error"]) for c in cases), 4),
                       "batch": args.batch, "seq": args.seq, "steps": args.steps,
-                      "machine": {"cpu": platform.machine(), "cores": os.cpu_count()}}))
+                      "machine": {"cpu": platform.machine(), "cores": os.cpu_count(),
+                                  "gpu": torch.cuda.get_device_name(0) if gpu else None}}))
     return 0
 
 

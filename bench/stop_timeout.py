@@ -2,11 +2,13 @@
 checkpoint published. This is the grace `docker stop --stop-timeout` (and a platform restart) must
 give.
 
-    python bench/stop_timeout.py [--size 1B] [--max-length 256]
+    python bench/stop_timeout.py [--size 1B] [--max-length 256] [--batch 1] [--resume]
 
 Runs ./trainer.sh on the embedded corpus with MODEL_SIZE=SIZE (a local output), waits for the first
 logged training step, sends SIGTERM and times: the step under way and the save of the full training
-state, the publish, and the whole from the signal to the exit. Prints one JSON line with the
+state, the publish, and the whole from the signal to the exit. With --resume, then starts the next
+run and times it from its start to the checkpoint loaded ("resuming at step ...") and to its first
+logged step, then kills it. Runs on the GPU when there is one. Prints one JSON line with the
 parameters, the checkpoint's size on disk and the seconds of each part.
 """
 
@@ -34,12 +36,18 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="1B")
     ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--resume", action="store_true", help="also time the next run's resume from the checkpoint")
     args = ap.parse_args(argv)
     os.environ["PATH"] = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+    gpu = gpu_count() > 0
+    resumed: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="bench-stop-") as tmp:
         env = make_env(Path(tmp))
-        env.update({"MODEL_SIZE": args.size, "MAX_LENGTH": str(args.max_length), "SHARD_SIZE": "200", "BATCH_SIZE": "1",
-                    "VAL_FRACTION": "0.02", "SHARD_STEPS": "100000", "VOCAB_SIZE": "4096"})
+        if gpu:
+            env.pop("DS_ACCELERATOR")
+        env.update({"MODEL_SIZE": args.size, "MAX_LENGTH": str(args.max_length), "SHARD_SIZE": "200",
+                    "BATCH_SIZE": str(args.batch), "VAL_FRACTION": "0.02", "SHARD_STEPS": "100000", "VOCAB_SIZE": "4096"})
         proc = subprocess.Popen(["./trainer.sh"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)
         marks: dict[str, float] = {}
@@ -66,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"the run did not stop as expected (exit {code})")
         ckpt = Path(env["OUTPUT_REPO"]) / "last-checkpoint"
         size = sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file())
+        if args.resume:
+            resumed = time_resume({**env, "MAX_RUNS": "1"})
     t0 = marks["sigterm"]
     print(json.dumps({
         "model_size": args.size, "parameters": params, "max_length": args.max_length,
@@ -73,9 +83,51 @@ def main(argv: list[str] | None = None) -> int:
         "step_end_and_save_s": round(marks["saved"] - t0, 1),  # the step under way, then the full state saved
         "publish_s": round(marks["published"] - marks["saved"], 1),
         "sigterm_to_exit_s": round(marks["exit"] - t0, 1),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPU only",
+        **resumed,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, " + (gpu_name() if gpu else "CPU only"),
     }))
     return 0
+
+
+def gpu_count() -> int:
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(line.startswith("GPU") for line in out.splitlines())
+
+
+def gpu_name() -> str:
+    out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True).stdout
+    return ", ".join(out.split("\n")[:1]).strip()
+
+
+def time_resume(env: dict[str, str]) -> dict[str, float]:
+    """The next run from its start: to its training phase, and to its first logged step, which comes after
+    the checkpoint's load (then it is killed)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(["./trainer.sh"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    marks: dict[str, float] = {}
+    log = []
+    for line in proc.stdout:
+        log.append(line)
+        now = time.perf_counter()
+        if line.startswith("=== train"):
+            marks.setdefault("train_start", now)
+        if "resuming at step" in line:
+            marks.setdefault("resuming", now)
+        if "'loss'" in line and "resuming" in marks:
+            marks["first_step"] = now
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+    proc.wait()
+    if "first_step" not in marks:
+        print("".join(log[-40:]), file=sys.stderr)
+        raise SystemExit("the next run did not resume from the checkpoint")
+    return {"resume_start_to_train_phase_s": round(marks.get("train_start", t0) - t0, 1),
+            "resume_train_phase_to_first_step_s": round(marks["first_step"] - marks.get("train_start", t0), 1),
+            "resume_start_to_first_step_s": round(marks["first_step"] - t0, 1)}
 
 
 if __name__ == "__main__":

@@ -95,3 +95,22 @@ def test_model_bench(env):
     assert out["train_speedup"] > 0 and out["train_speedup_compiled"] > 0 and out["generate_speedup"] > 0
     # the copy holds the model and the memory-mapped source, and nothing more than one tensor besides
     assert out["copy_complete"] and out["copy_growth_over_source"] <= 1.1
+
+
+def test_gpu_check_flow_in_a_dry_run(env, tmp_path):
+    """bench/gpu.sh's flow on the CPU (--dry-run, small sizes): each check prints its JSON line, the
+    table sums them up; a preset and a sequence length other than the throughput default work."""
+    out = tmp_path / "gpu"
+    env = {**env, "GPU_WHEELS": str(tmp_path / "no-wheels")}
+    p = run(["bench/gpu.sh", "--dry-run", "--out", str(out), "--only", "versions,setup,preflight,throughput,two_ranks"],
+            env, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    checks = {c["check"]: c for c in map(json.loads, (out / "checks.jsonl").read_text().splitlines())}
+    assert [checks[n]["ok"] for n in ("versions", "setup", "preflight", "throughput")] == [True] * 4
+    assert checks["two_ranks"]["ok"] is None and checks["two_ranks"]["skipped"]
+    assert checks["versions"]["libraries"]["torch"] and checks["setup"]["functional"]["deepspeed engine"]
+    assert checks["preflight"]["estimated_peak_bytes"] > 0 and checks["preflight"]["fits"]
+    tp = checks["throughput"]
+    assert tp["model"]["preset"] == "cpu" and tp["model"]["seq"] == 128 and 0 < tp["mfu"] < 1
+    summary = (out / "summary.txt").read_text()
+    assert "4 ok, 0 failed, 1 skipped" in summary and "throughput" in summary
