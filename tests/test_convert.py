@@ -1,0 +1,235 @@
+"""convert.py: Meta's layout (one or several shards), a torch distributed checkpoint with training
+state in it, and our DeepSpeed ZeRO checkpoint, each back to a Hugging Face Llama that computes what
+the source computes; and every mismatch named, with exit 2 and nothing written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+import convert
+
+TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=64, rms_norm_eps=1e-5,
+            rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+
+
+def hf_tiny(tied: bool = False):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**TINY, tie_word_embeddings=tied)).eval()
+    with torch.no_grad():  # norms away from 1, so that a swapped norm shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.rand_like(p) * 0.5)
+    return model
+
+
+def to_meta_layout(model) -> dict[str, torch.Tensor]:
+    """Our own independent writer of Meta's layout: HF names back to Meta's, q/k rotary pairs
+    interleaved again ((i, i + d/2) -> (2i, 2i+1) per head)."""
+    def interleave(w, heads):
+        out_dim, in_dim = w.shape
+        half = out_dim // heads // 2
+        return w.view(heads, 2, half, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+    sd, out = model.state_dict(), {}
+    H, KV = TINY["num_attention_heads"], TINY["num_key_value_heads"]
+    out["tok_embeddings.weight"] = sd["model.embed_tokens.weight"]
+    out["norm.weight"] = sd["model.norm.weight"]
+    if not model.config.tie_word_embeddings:
+        out["output.weight"] = sd["lm_head.weight"]
+    for i in range(TINY["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        out[f"layers.{i}.attention.wq.weight"] = interleave(sd[p + "self_attn.q_proj.weight"], H)
+        out[f"layers.{i}.attention.wk.weight"] = interleave(sd[p + "self_attn.k_proj.weight"], KV)
+        out[f"layers.{i}.attention.wv.weight"] = sd[p + "self_attn.v_proj.weight"]
+        out[f"layers.{i}.attention.wo.weight"] = sd[p + "self_attn.o_proj.weight"]
+        out[f"layers.{i}.feed_forward.w1.weight"] = sd[p + "mlp.gate_proj.weight"]
+        out[f"layers.{i}.feed_forward.w2.weight"] = sd[p + "mlp.down_proj.weight"]
+        out[f"layers.{i}.feed_forward.w3.weight"] = sd[p + "mlp.up_proj.weight"]
+        out[f"layers.{i}.attention_norm.weight"] = sd[p + "input_layernorm.weight"]
+        out[f"layers.{i}.ffn_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
+    return {k: v.clone() for k, v in out.items()}
+
+
+PARAMS = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "norm_eps": 1e-5, "rope_theta": 500000.0,
+          "vocab_size": 96, "multiple_of": 32}
+
+
+def write_meta(d: Path, state: dict, shards: int = 1, params: dict | None = None) -> Path:
+    """consolidated.NN.pth cut the way Meta's model parallelism cuts them."""
+    d.mkdir(parents=True)
+    (d / "params.json").write_text(json.dumps(params or PARAMS))
+    for r in range(shards):
+        part = {}
+        for k, v in state.items():
+            pattern = convert.re.sub(r"^layers\.\d+\.", "layers.{i}.", k)
+            dim = convert.META_TO_HF.get(pattern, (None, None))[1]
+            part[k] = v if dim is None else v.chunk(shards, dim=dim)[r].clone()
+        part["rope.freqs"] = torch.zeros(8)  # a buffer Meta's files carry: dropped
+        torch.save(part, d / f"consolidated.{r:02d}.pth")
+    return d
+
+
+def logits_of(model_dir: Path, ids):
+    from transformers import LlamaForCausalLM
+
+    m = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return m(ids).logits
+
+
+IDS = torch.tensor([[1, 5, 9, 33, 2, 70, 11, 4], [8, 8, 3, 90, 41, 6, 7, 12]])
+
+
+@pytest.mark.parametrize("shards,tied", [(1, False), (2, False), (2, True)])
+def test_meta_layout_converts_to_the_same_model(tmp_path, shards, tied, capsys):
+    model = hf_tiny(tied)
+    src = write_meta(tmp_path / "meta", to_meta_layout(model), shards)
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "tokenizer.json").write_text("{}")
+    assert convert.main(["meta", str(src), str(tmp_path / "hf"), "--tokenizer", str(tok), "--dtype", "fp32"]) == 0
+    assert "checked: max |logit difference|" in capsys.readouterr().out
+    out = tmp_path / "hf"
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["tie_word_embeddings"] is tied
+    assert cfg["intermediate_size"] == 96 and cfg["num_key_value_heads"] == 2 and (out / "tokenizer.json").exists()
+    with torch.no_grad():
+        want = model(IDS).logits
+    assert float((logits_of(out, IDS) - want).abs().max()) <= 1e-5
+    from safetensors.torch import load_file
+
+    got = load_file(out / "model.safetensors")
+    for k, v in model.state_dict().items():
+        if k in got:  # bit for bit: the permutation is exact
+            assert torch.equal(got[k], v), k
+
+
+def test_meta_in_bf16_keeps_bf16_and_checks_against_bf16(tmp_path):
+    model = hf_tiny()
+    state = {k: v.to(torch.bfloat16) for k, v in to_meta_layout(model).items()}
+    src = write_meta(tmp_path / "meta", state)
+    assert convert.main(["meta", str(src), str(tmp_path / "hf")]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_a_dcp_checkpoint_with_training_state_converts(tmp_path):
+    """torch's own DCP writer, with freqs_cis, optimizer state and a train state beside the model,
+    as torchtitan saves; and with a model. prefix."""
+    import torch.distributed.checkpoint as dcp
+
+    model = hf_tiny()
+    state = to_meta_layout(model)
+    full = {**state, "freqs_cis": torch.randn(64, 8),
+            "optimizer": {"state": {k: {"exp_avg": torch.zeros_like(v)} for k, v in list(state.items())[:3]}},
+            "train_state": {"step": torch.tensor(100)}}
+    dcp.save(full, checkpoint_id=str(tmp_path / "dcp"))
+    (tmp_path / "params.json").write_text(json.dumps(PARAMS))
+    assert convert.main(["dcp", str(tmp_path / "dcp"), str(tmp_path / "hf"), "--params", str(tmp_path / "params.json"),
+                         "--dtype", "fp32"]) == 0
+    with torch.no_grad():
+        want = model(IDS).logits
+    assert float((logits_of(tmp_path / "hf", IDS) - want).abs().max()) <= 1e-5
+    dcp.save({"model": state}, checkpoint_id=str(tmp_path / "dcp2"))
+    assert convert.main(["dcp", str(tmp_path / "dcp2"), str(tmp_path / "hf2"), "--params", str(tmp_path / "params.json")]) == 0
+
+
+def test_every_mismatch_is_named_and_nothing_is_written(tmp_path, capsys):
+    state = to_meta_layout(hf_tiny())
+    missing = dict(state)
+    del missing["layers.1.feed_forward.w2.weight"]
+    cases = {
+        "missing": (write_meta(tmp_path / "a", missing), "missing key(s): layers.1.feed_forward.w2.weight"),
+        "unexpected": (write_meta(tmp_path / "b", {**state, "layers.0.attention.bias": torch.zeros(64)}),
+                       "unexpected key(s): layers.0.attention.bias"),
+        "layers": (write_meta(tmp_path / "c", state, params={**PARAMS, "n_layers": 3}), "missing key(s): layers.2."),
+        "shape": (write_meta(tmp_path / "d", {**state, "layers.0.attention.wk.weight": torch.zeros(64, 64)}),
+                  "shape mismatch: layers.0.attention.wk.weight (64, 64) (expected (32, 64))"),
+    }
+    for name, (src, message) in cases.items():
+        out = tmp_path / f"out-{name}"
+        assert convert.main(["meta", str(src), str(out)]) == 2, name
+        assert message in capsys.readouterr().err, name
+        assert not out.exists() and not out.with_name(out.name + ".converting").exists()
+    assert convert.main(["meta", str(tmp_path / "nowhere"), str(tmp_path / "x")]) == 2
+    assert "params.json and consolidated" in capsys.readouterr().err
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "f").write_text("x")
+    assert convert.main(["meta", str(tmp_path / "a"), str(tmp_path / "full")]) == 2
+    assert "not empty" in capsys.readouterr().err
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(state, checkpoint_id=str(tmp_path / "dcp"))
+    assert convert.main(["dcp", str(tmp_path / "dcp"), str(tmp_path / "y")]) == 2
+    assert "--params params.json" in capsys.readouterr().err
+
+
+ZERO_WRITER = r"""
+import json, os, sys
+from pathlib import Path
+import deepspeed, torch
+from transformers import LlamaConfig, LlamaForCausalLM
+out = Path(sys.argv[1])
+deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+torch.manual_seed(0)
+model = LlamaForCausalLM(LlamaConfig(**json.loads(sys.argv[2])))
+engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config={
+    "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "bf16": {"enabled": True},
+    "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}},
+    "zero_optimization": {"stage": 2}, "steps_per_print": 10**9})
+for _ in range(3):
+    x = torch.randint(0, 96, (2, 16))
+    engine.backward(engine(input_ids=x, labels=x).loss)
+    engine.step()
+engine.save_checkpoint(str(out), tag="global_step3")
+model.config.dtype = torch.bfloat16
+model.config.save_pretrained(out)
+(out / "tokenizer.json").write_text("{}")
+"""
+
+
+def test_our_zero_checkpoint_converts_from_its_fp32_masters(tmp_path):
+    """A real DeepSpeed ZeRO-2 save (bf16 weights, fp32 masters, 3 steps): the converted model is
+    the masters in bf16, which is what the run's model held, logit for logit."""
+    ckpt = tmp_path / "last-checkpoint"
+    env = {**__import__("os").environ, "DS_ACCELERATOR": "cpu", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(__import__("conftest").free_port())}
+    p = subprocess.run([sys.executable, "-c", ZERO_WRITER, str(ckpt), json.dumps({**TINY, "tie_word_embeddings": True})],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = subprocess.run([sys.executable, "convert.py", "zero", str(ckpt), str(tmp_path / "hf"), "--json"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    result = json.loads(p.stdout.strip().splitlines()[-1])
+    assert result["max_abs_logit_diff"] == 0.0 and result["dtype"] == "bf16" and "tokenizer.json" in result["tokenizer"]
+    from safetensors.torch import load_file
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    masters = get_fp32_state_dict_from_zero_checkpoint(str(ckpt))
+    got = load_file(tmp_path / "hf" / "model.safetensors")
+    assert torch.equal(got["model.layers.1.mlp.down_proj.weight"], masters["model.layers.1.mlp.down_proj.weight"].bfloat16())
+    (ckpt / "latest").unlink()
+    p = subprocess.run([sys.executable, "convert.py", "zero", str(ckpt), str(tmp_path / "hf2")], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "not a checkpoint this pipeline wrote" in p.stderr
+
+
+def test_the_check_catches_a_wrong_conversion(tmp_path, monkeypatch, capsys):
+    """Without the q/k permutation the weights load and have every right shape, but compute another
+    model: the logit check refuses it (exit 1) and nothing is written."""
+    src = write_meta(tmp_path / "meta", to_meta_layout(hf_tiny()))
+    monkeypatch.setattr(convert, "permute_rope", lambda w, heads: w)
+    assert convert.main(["meta", str(src), str(tmp_path / "hf")]) == 1
+    assert "from the source's (more than 1e-05)" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "hf.converting").exists()
