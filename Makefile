@@ -6,7 +6,7 @@ TORCH_VERSION     := 2.13.0
 DEEPSPEED_VERSION := 0.19.8
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup chromium run test test-fast bench gpu-wheels gpu-check gpu-dry-run clean
+.PHONY: setup chromium run test test-fast bench bench-env bench-convert gpu-wheels gpu-check gpu-dry-run clean
 
 setup: $(STAMP)
 
@@ -47,6 +47,17 @@ bench: setup
 	$(PY) bench/memory.py
 	$(PY) bench/resume.py
 	$(PY) bench/hub_faults.py
+
+# bench/convert.py runs GGUF files in llama.cpp: llama-cpp-python, built from PyPI (a C++ build of
+# ~10 minutes on 2 cores) in an environment of its own, not the pipeline's.
+LLAMA_CPP_PYTHON_VERSION := 0.3.36
+.venv-bench/.installed:
+	$(PYTHON) -m venv .venv-bench
+	.venv-bench/bin/python -m pip install -q llama-cpp-python==$(LLAMA_CPP_PYTHON_VERSION)
+	touch $@
+bench-env: .venv-bench/.installed
+bench-convert: setup bench-env
+	$(PY) bench/convert.py --llama-python .venv-bench/bin/python
 
 # bench/gpu.sh on a machine with NVIDIA GPUs, its own CUDA torch and no network: the libraries it
 # lacks, as wheels for its Python (GPU_PYTHON), in .whl/ (~48 MB): ours at the pins, their own

@@ -114,3 +114,15 @@ def test_gpu_check_flow_in_a_dry_run(env, tmp_path):
     assert tp["model"]["preset"] == "cpu" and tp["model"]["seq"] == 128 and 0 < tp["mfu"] < 1
     summary = (out / "summary.txt").read_text()
     assert "4 ok, 0 failed, 1 skipped" in summary and "throughput" in summary
+
+
+def test_convert_bench_converts_every_path_back_to_the_same_model(env, tmp_path):
+    """bench/convert.py's conversions on a tiny published-like model (llama.cpp itself needs
+    `make bench-env`; its keys are null with --skip-llamacpp)."""
+    from test_convert import hf_dir_with_tokenizer
+
+    src, _ = hf_dir_with_tokenizer(tmp_path)
+    out = _json(run([sys.executable, "bench/convert.py", "--model", str(src), "--skip-llamacpp"], env, timeout=600))
+    assert set(out["max_abs_logit_diff"]) == {"meta", "dcp", "zero"}
+    assert all(v <= 1e-5 for v in out["max_abs_logit_diff"].values())
+    assert out["llamacpp_greedy_identical_bf16"] is None

@@ -233,3 +233,76 @@ def test_the_check_catches_a_wrong_conversion(tmp_path, monkeypatch, capsys):
     assert convert.main(["meta", str(src), str(tmp_path / "hf")]) == 1
     assert "from the source's (more than 1e-05)" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists() and not (tmp_path / "hf.converting").exists()
+
+
+def hf_dir_with_tokenizer(tmp_path: Path, tied: bool = True) -> tuple[Path, object]:
+    """A tiny Llama saved as the pipeline publishes it: bf16 weights, our trained tokenizer and template."""
+    from prep import train_tokenizer
+
+    texts = [json.loads(line)["text"] for line in (ROOT / "data" / "pretrain.jsonl").open() if line.strip()][:300]
+    tok = train_tokenizer(texts, TINY["vocab_size"] + 200, 64)
+    model = hf_tiny(tied)
+    model.resize_token_embeddings(len(tok))
+    model = model.to(torch.bfloat16)
+    d = tmp_path / "hf"
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d, tok
+
+
+@pytest.mark.parametrize("qtype", ["bf16", "f16", "q8_0"])
+def test_gguf_holds_every_tensor_and_the_tokenizer(tmp_path, qtype):
+    """Read back with gguf's own reader: each tensor (in llama.cpp's interleaved q/k layout, which
+    this test undoes itself), the token list and types, the merges, the special ids, the template."""
+    import gguf
+    from safetensors.torch import load_file
+
+    src, tok = hf_dir_with_tokenizer(tmp_path, tied=qtype != "f16")
+    out = tmp_path / f"m-{qtype}.gguf"
+    assert convert.main(["gguf", str(src), str(out), "--type", qtype]) == 0
+    reader = gguf.GGUFReader(str(out))
+    assert convert.gguf_string(reader, "general.architecture") == "llama"
+    assert convert.gguf_string(reader, "tokenizer.ggml.model") == "gpt2"
+    assert convert.gguf_string(reader, "tokenizer.ggml.pre") == "gpt-2"
+    assert convert.gguf_string(reader, "tokenizer.chat_template") == (src / "chat_template.jinja").read_text()
+    vocab = tok.get_vocab()
+    tokens = convert.gguf_strings(reader, "tokenizer.ggml.tokens")
+    assert len(tokens) == len(tok) and all(tokens[i] == t for t, i in vocab.items())
+    field = reader.fields["tokenizer.ggml.token_type"]
+    types = [int(field.parts[i][0]) for i in field.data]
+    assert types[tok.eos_token_id] == gguf.TokenType.CONTROL and types[vocab["Ġthe"]] == gguf.TokenType.NORMAL
+    merges = json.loads((src / "tokenizer.json").read_text())["model"]["merges"]
+    assert convert.gguf_strings(reader, "tokenizer.ggml.merges") == [" ".join(m) if isinstance(m, list) else m for m in merges]
+    eos = reader.fields["tokenizer.ggml.eos_token_id"]
+    assert int(eos.parts[eos.data[0]][0]) == tok.eos_token_id
+    source = load_file(src / "model.safetensors")
+    by_name = {t.name: t for t in reader.tensors}
+    H, KV = TINY["num_attention_heads"], TINY["num_key_value_heads"]
+    for hf_name, gg_name in convert.gguf_tensor_names(TINY["num_hidden_layers"]).items():
+        if hf_name not in source:
+            assert gg_name not in by_name  # a tied head is not written twice
+            continue
+        t = by_name[gg_name]
+        back = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).astype("float32").copy())
+        back = back.reshape(tuple(reversed([int(x) for x in t.shape])))
+        if hf_name.endswith(("q_proj.weight", "k_proj.weight")):  # llama.cpp's layout: pairs interleaved
+            heads = H if "q_proj" in hf_name else KV
+            back = back.view(heads, back.shape[0] // heads // 2, 2, -1).transpose(1, 2).reshape(back.shape)
+        want = source[hf_name].float()
+        if qtype == "q8_0" and want.dim() == 2:
+            assert float((back - want).abs().max()) <= float(want.abs().max()) / 127 * 0.6, hf_name
+        else:
+            exact = want if qtype != "f16" or want.dim() == 1 else want.half().float()
+            assert torch.equal(back, exact), hf_name
+
+
+def test_gguf_refuses_what_it_cannot_write(tmp_path, capsys):
+    src, _ = hf_dir_with_tokenizer(tmp_path)
+    (tmp_path / "taken.gguf").write_text("x")
+    assert convert.main(["gguf", str(src), str(tmp_path / "taken.gguf")]) == 2
+    assert "exists" in capsys.readouterr().err
+    tj = json.loads((src / "tokenizer.json").read_text())
+    tj["pre_tokenizer"] = {"type": "Whitespace"}
+    (src / "tokenizer.json").write_text(json.dumps(tj))
+    assert convert.main(["gguf", str(src), str(tmp_path / "m.gguf")]) == 2
+    assert "neither GPT-2's nor Llama 3's" in capsys.readouterr().err and not (tmp_path / "m.gguf").exists()
