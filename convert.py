@@ -33,12 +33,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
+
+from config import BadInput as PipelineBadInput  # the pipeline's settings and Hub errors are bad input too
 
 TOLERANCE = 1e-5
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -60,8 +63,9 @@ META_TO_HF = {
 BUFFERS = ("freqs_cis", "rope.freqs", "inv_freq")  # computed, never weights
 
 
-class BadInput(Exception):
-    pass
+class BadInput(PipelineBadInput):
+    def __init__(self, message: str) -> None:
+        super().__init__([message])
 
 
 class CheckFailed(Exception):
@@ -730,6 +734,48 @@ def convert(args) -> dict[str, Any]:
             "max_abs_logit_diff": diff, "tokenizer": sorted(f.name for f in (extras or []))}
 
 
+class Pusher:
+    """--push: the pipeline's publish path (util._deliver). A Hub repo's write access is checked
+    before anything is converted; the publish is one commit adding or replacing the converted files
+    and leaving the repo's other files; a local directory gets them swapped in the same way."""
+
+    def __init__(self, target: str) -> None:
+        from config import SettingsError, is_local_target, load_settings
+
+        try:
+            self.s = load_settings({**os.environ, "OUTPUT_REPO": target})
+        except SettingsError as e:
+            raise BadInput(f"--push {target}: {e}") from e
+        self.target = target
+        self.local = is_local_target(target)
+        if not self.local:
+            from util import hub
+
+            if not self.s.hf_token:
+                raise BadInput(f"--push {target}: no HF_TOKEN. Fix: export HF_TOKEN (a token with write access)")
+            problems = hub(self.s).check_access([target])
+            if problems:
+                raise BadInput("; ".join(problems))
+
+    def push(self, output: Path, kind: str) -> str:
+        import tempfile
+        import uuid
+
+        from util import _deliver, hub
+
+        files = [output] if output.is_file() else sorted(output.iterdir())
+        revision = None if self.local else hub(self.s).head(self.target)
+
+        def fill(staged: Path) -> None:
+            for f in files:
+                (shutil.copytree if f.is_dir() else shutil.copy2)(f, staged / f.name)
+
+        with tempfile.TemporaryDirectory(prefix="convert-push-") as work:
+            _deliver(self.s, self.target, Path(work), fill, f"convert.py {kind}: {output.name}", uuid.uuid4().hex,
+                     revision, only=[f.name + ("/" if f.is_dir() else "") for f in files])
+        return self.target
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="convert.py", description=__doc__.split("\n\n")[0],
                                  epilog=__doc__[__doc__.index("Examples:"):], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -742,6 +788,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", help="dcp: the shape of one of our presets (MODEL_SIZE names)")
     ap.add_argument("--tokenizer", help="a Hugging Face tokenizer directory to save with the model")
     ap.add_argument("--dtype", choices=list(DTYPES), help="the weights' dtype (default: the source's)")
+    ap.add_argument("--push", metavar="OWNER/NAME", help="then publish the result there, as the pipeline publishes: a Hub "
+                    "repo (private unless PRIVATE=false; HF_TOKEN checked before converting; one commit that adds or "
+                    "replaces the converted files) or a local directory")
     ap.add_argument("--json", action="store_true", help="print the result as one JSON object")
     args = ap.parse_args(argv)
     import redact
@@ -755,12 +804,21 @@ def main(argv: list[str] | None = None) -> int:
     transformers.utils.logging.disable_progress_bar()
     disable_progress_bars()
     try:
+        pusher = Pusher(args.push) if args.push else None  # the token and the repo checked before any work
         result = convert_gguf(args) if args.kind == "gguf" else convert(args)
-    except BadInput as e:
+        if pusher:
+            result["pushed"] = pusher.push(Path(result["output"]), args.kind)
+    except PipelineBadInput as e:  # ours, and the pipeline's (settings, a token the Hub refuses)
         print(f"convert.py: {e}", file=sys.stderr)
         return 2
     except CheckFailed as e:
         print(f"convert.py: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - the pipeline's own failures (an outage, a conflict, a full disk)
+        from config import report_failure
+
+        if report_failure(e) is None:
+            raise
         return 1
     if args.json:
         print(json.dumps(result))
@@ -768,7 +826,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"converted {result['kind']} {result['source']} -> {result['output']}: {result['parameters']:,} parameters "
               f"in {result['dtype']}; checked: max |logit difference| {result['max_abs_logit_diff']:.2g} "
               f"(fp32, 3 sequences of 16 tokens; {'q8_0 is lossy: reported' if result['dtype'] == 'q8_0' else f'at most {TOLERANCE:g}'})"
-              + (f"; tokenizer: {', '.join(result['tokenizer'])}" if result["tokenizer"] else "; no tokenizer (--tokenizer DIR)"))
+              + (f"; tokenizer: {', '.join(result['tokenizer'])}" if result["tokenizer"] else "; no tokenizer (--tokenizer DIR)")
+              + (f"\npublished to {result['pushed']}" if result.get("pushed") else ""))
     return 0
 
 

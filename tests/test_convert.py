@@ -306,3 +306,39 @@ def test_gguf_refuses_what_it_cannot_write(tmp_path, capsys):
     (src / "tokenizer.json").write_text(json.dumps(tj))
     assert convert.main(["gguf", str(src), str(tmp_path / "m.gguf")]) == 2
     assert "neither GPT-2's nor Llama 3's" in capsys.readouterr().err and not (tmp_path / "m.gguf").exists()
+
+
+def test_push_publishes_the_result_like_the_pipeline_and_checks_the_token_first(tmp_path, env):
+    """--push through the real huggingface_hub client against the loopback Hub: a read-only token is
+    refused before anything is converted; with a write token one commit adds the GGUF to a private
+    repo and leaves the files already there; a local target gets it too."""
+    from hub_double import HubDouble
+
+    from conftest import run
+
+    write, read = "hf_writeTokenForTheTests0123456789", "hf_readOnlyTokenForTheTests012345"
+    hub = HubDouble({write: {"name": "alice", "role": "write"}, read: {"name": "alice", "role": "read"}}).start()
+    try:
+        src, _ = hf_dir_with_tokenizer(tmp_path)
+        hub.seed("alice/chat", {"README.md": b"the model card"})
+        env.pop("HF_HUB_OFFLINE")
+        env.update({"HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_XET": "1", "HUB_RETRY_WAIT": "0.05", "HUB_TIMEOUT": "5",
+                    "HF_TOKEN": read})
+        out = tmp_path / "m.gguf"
+        push = [sys.executable, "convert.py", "gguf", str(src), str(out), "--push", "alice/chat"]
+        p = run(push, env, timeout=300)
+        assert p.returncode == 2 and "read-only token" in p.stderr, p.stderr[-2000:]
+        assert not out.exists() and len(hub.commits("alice/chat")) == 1
+        p = run(push, {**env, "HF_TOKEN": write}, timeout=300)
+        assert p.returncode == 0 and "published to alice/chat" in p.stdout, p.stderr[-2000:]
+        assert len(hub.commits("alice/chat")) == 2
+        code = (f"from huggingface_hub import HfApi; api = HfApi(token={write!r}); "
+                "print(sorted(api.list_repo_files('alice/chat')), api.model_info('alice/chat').private)")
+        p = run([sys.executable, "-c", code], env, timeout=120)
+        assert "'README.md', 'm.gguf'" in p.stdout and p.stdout.strip().endswith("True"), p.stdout + p.stderr[-2000:]
+        assert write not in p.stdout
+        local = [sys.executable, "convert.py", "gguf", str(src), str(tmp_path / "n.gguf"), "--push", str(tmp_path / "local")]
+        assert run(local, env, timeout=300).returncode == 0
+        assert (tmp_path / "local" / "n.gguf").stat().st_size == (tmp_path / "n.gguf").stat().st_size
+    finally:
+        hub.stop()
