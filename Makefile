@@ -49,11 +49,15 @@ bench: setup
 	$(PY) bench/hub_faults.py
 
 # bench/convert.py runs GGUF files in llama.cpp: llama-cpp-python, built from PyPI (a C++ build of
-# ~10 minutes on 2 cores) in an environment of its own, not the pipeline's.
+# ~10 minutes on 2 cores) in an environment of its own, not the pipeline's. Built for AVX2 rather
+# than -march=native: a CPU that lists AMX while the kernel does not enable it (a VM) would get
+# AMX q8_0 kernels that die with SIGILL.
 LLAMA_CPP_PYTHON_VERSION := 0.3.36
+LLAMA_CPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 .venv-bench/.installed:
 	$(PYTHON) -m venv .venv-bench
-	.venv-bench/bin/python -m pip install -q llama-cpp-python==$(LLAMA_CPP_PYTHON_VERSION)
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" .venv-bench/bin/python -m pip install -q --no-cache-dir \
+	  llama-cpp-python==$(LLAMA_CPP_PYTHON_VERSION)
 	touch $@
 bench-env: .venv-bench/.installed
 bench-convert: setup bench-env

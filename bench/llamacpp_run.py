@@ -23,10 +23,10 @@ def main() -> int:
     req = json.load(sys.stdin)
     n_ctx = max(len(p) for p in [*req["prompts"], req["logits_prompt"]]) + req["max_new_tokens"] + 8
     llm = Llama(model_path=req["model"], n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=req.get("threads"),
-                n_batch=n_ctx, seed=0)
+                n_batch=n_ctx)
     llm.reset()
     llm.eval(req["logits_prompt"])
-    logits = np.asarray(llm.scores[: len(req["logits_prompt"])], dtype=np.float32)
+    logits = np.array(llm.scores[: len(req["logits_prompt"])], dtype=np.float32)  # a copy: the buffer is reused
     generations, decoded, decode_s = [], 0, 0.0
     stop = set(req["stop"])
     for prompt in req["prompts"]:
