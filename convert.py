@@ -1,8 +1,11 @@
-"""Checkpoints from other trainers, and our own mid-shard checkpoint, as Hugging Face Llama models.
+"""Checkpoints from other trainers and this pipeline's own mid-shard checkpoint as Hugging Face
+Llama models, and a Hugging Face Llama as a GGUF file for llama.cpp.
 
     python3 convert.py meta SRC OUT [--tokenizer DIR] [--dtype bf16|fp16|fp32]
     python3 convert.py dcp  SRC OUT (--params params.json | --preset NAME) [--tokenizer DIR] [--dtype ...]
     python3 convert.py zero SRC OUT [--dtype ...]
+    python3 convert.py gguf SRC OUT.gguf [--type bf16|f16|q8_0]
+    ... [--push OWNER/NAME | DIR] [--json]
 
 - meta: Meta's original layout: `consolidated.*.pth` (one or several model-parallel shards, merged)
   and `params.json`, with `tokenizer.model` copied along when present.
@@ -11,22 +14,28 @@
   non-parameter buffers are dropped. Keys may carry a `model.` prefix. torchtitan's Llama uses
   Meta's names and layout; the shape comes from `--params` (Meta's params.json) or a preset.
 - zero: our `last-checkpoint/` (DeepSpeed ZeRO-2): the fp32 master weights, in the dtype the run
-  trained in, with its config and tokenizer: a standalone model of a shard stopped midway.
+  trained in, with its config and tokenizer: a standalone model of a shard stopped midway. LoRA
+  adapters on an NF4 base are merged onto the model published beside the checkpoint (their base).
+- gguf: a Hugging Face Llama (with its tokenizer.json) as one GGUF file, tokenizer and chat template
+  inside, through the `gguf` package.
 
-Meta and torchtitan rotate query/key pairs (2i, 2i+1); Hugging Face's Llama rotates (i, i + d/2):
-q and k are permuted on the way. Every conversion checks itself before it reports success: the
-converted model's fp32 logits on fixed token sequences against the source's own forward (for
-meta/dcp a forward in the source's layout, for zero the checkpoint's model states); more than
-1e-5 apart fails. A checkpoint that does not match the architecture exits 2 naming the missing,
-unexpected or misshapen keys: nothing is filled in. OUT must not exist (or be empty); it is
-written beside and renamed into place.
+Meta, torchtitan and llama.cpp rotate query/key pairs (2i, 2i+1); Hugging Face's Llama rotates
+(i, i + d/2): q and k are permuted on the way. Every conversion checks itself before it reports
+success: the converted model's fp32 logits on fixed token sequences against the source's own
+forward (for meta/dcp a forward in the source's layout, for zero the checkpoint's model states, for
+gguf the weights read back from the file); more than 1e-5 apart fails (q8_0 is lossy: reported; a
+LoRA merge is held to the pipeline's 0.5% of loss). A checkpoint that does not match the
+architecture exits 2 naming the missing, unexpected or misshapen keys: nothing is filled in. OUT
+must not exist (or be empty); it is written beside and renamed into place. --push then publishes
+the result the way the pipeline publishes.
 
-Exit codes: 0 converted and checked; 1 the check failed; 2 bad input.
+Exit codes: 0 converted and checked; 1 the check failed (or the Hub did); 2 bad input.
 
 Examples:
     python3 convert.py meta ~/Llama-3.2-1B/original ./llama-3.2-1b-hf --tokenizer ~/Llama-3.2-1B
     python3 convert.py dcp outputs/checkpoint/step-1000 ./step1000-hf --params params.json
     python3 convert.py zero output/llama/last-checkpoint ./mid-shard
+    python3 convert.py gguf output/llama-it ./llama-it-q8_0.gguf --type q8_0 --push alice/llama-it-gguf
 """
 
 from __future__ import annotations
@@ -294,8 +303,12 @@ def preset_params(name: str, state: dict[str, Any]) -> dict[str, Any]:
 # --- our ZeRO checkpoint ----------------------------------------------------------------------------
 
 
-def read_zero(src: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """(fp32 master weights, the model states saved beside them, config.json) of a ZeRO checkpoint."""
+def read_zero(src: Path) -> tuple[dict[str, Any] | None, dict[str, Any], dict[str, Any]]:
+    """(fp32 master weights, the model states saved beside them, the model's config) of a ZeRO
+    checkpoint. A checkpoint of LoRA adapters on an NF4 base holds the adapters and the base's NF4
+    scales, not the frozen base weights: the base is the model published beside it (OUTPUT_REPO,
+    which the shard started from); its config is returned, and no masters are read (the merge uses
+    the adapters as the run's model held them)."""
     import contextlib
     import io
     import logging
@@ -307,21 +320,90 @@ def read_zero(src: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]
     from deepspeed.utils import zero_to_fp32
 
     latest = src / "latest"
-    if not latest.exists() or not (src / "config.json").exists():
-        raise BadInput(f"{src}: no 'latest' or config.json: not a checkpoint this pipeline wrote (last-checkpoint/)")
+    if not latest.exists():
+        raise BadInput(f"{src}: no 'latest': not a checkpoint this pipeline wrote (last-checkpoint/)")
     tag = latest.read_text().strip()
     states = src / tag / "mp_rank_00_model_states.pt"
     if not states.exists():
         raise BadInput(f"{src}: {tag}/mp_rank_00_model_states.pt is missing")
-    cfg = json.loads((src / "config.json").read_text())
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     module = torch.load(states, map_location="cpu", weights_only=False)["module"]
     if any("lora_" in k for k in module):
-        raise BadInput(f"{src} holds LoRA adapters on an NF4 base (USE_QUANT=true): converting those is not "
-                       "supported yet; the run that finishes the shard publishes the merged model")
+        base = src.parent
+        if not (src / "adapter_config.json").exists() or not (base / "config.json").exists():
+            raise BadInput(f"{src}: LoRA adapters on an NF4 base need adapter_config.json in the checkpoint and the "
+                           f"model they were trained on beside it ({base}: the published output the checkpoint is in)")
+        return None, module, json.loads((base / "config.json").read_text())
+    if not (src / "config.json").exists():
+        raise BadInput(f"{src}: no config.json: not a checkpoint this pipeline wrote (last-checkpoint/)")
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its progress lines
         masters = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(src), tag=tag)
-    return masters, module, cfg
+    return masters, module, json.loads((src / "config.json").read_text())
+
+
+MERGE_TOLERANCE = 0.005  # train.merge_checked's: the merged model's loss within 0.5% of the adapter's
+
+
+def merge_lora_checkpoint(src: Path, module: dict[str, Any], out: Path, dtype: str,
+                          extras: list[Path]) -> tuple[Path, float, float, int]:
+    """The base the adapters trained on (the published model beside the checkpoint, quantized to
+    NF4 the way prep does, its scales checked against the checkpoint's) with the adapters as the run
+    held them, merged the pipeline's way (quant_utils.to_float: dequantized in fp32, scale·B@A added,
+    cast once), then checked the pipeline's way: the merged model's loss on the probe sequences
+    within 0.5% of the adapter model's. Returns (staged directory, relative loss difference, max
+    |logit difference|, parameters)."""
+    import tempfile
+
+    import torch
+    import torch.nn.functional as F
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from quant_utils import convert as quantize, to_float
+
+    lora = {k: v for k, v in module.items() if "lora_" in k}
+    compute = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(next(iter(lora.values())).dtype, "fp32")
+    scales = {k.removeprefix("base_model.model.").replace(".base_layer", ""): v for k, v in module.items()
+              if "lora_" not in k}
+    with tempfile.TemporaryDirectory(prefix="convert-nf4-") as tmp:
+        quantize(src.parent, Path(tmp) / "nf4", "nf4", compute)
+        model = AutoModelForCausalLM.from_pretrained(Path(tmp) / "nf4", device_map="cpu")
+    ours = model.state_dict()
+    differ = sorted(k for k, v in scales.items() if k in ours and not torch.equal(ours[k].cpu(), v.to(ours[k].dtype)))
+    unknown = sorted(k for k in scales if k not in ours)
+    if differ or unknown:
+        raise BadInput(f"{src}: the model beside it ({src.parent}) is not the base its adapters were trained on: "
+                       f"NF4 scales differ ({', '.join((differ + unknown)[:4])})")
+    config = model.config
+    adapter = json.loads((src / "adapter_config.json").read_text())
+    keep = {k: adapter[k] for k in ("r", "lora_alpha", "lora_dropout", "target_modules", "bias") if k in adapter}
+    peft_model = get_peft_model(model, LoraConfig(**keep, task_type="CAUSAL_LM"), autocast_adapter_dtype=False)
+    loaded = peft_model.load_state_dict(lora, strict=False)
+    if loaded.unexpected_keys:
+        raise BadInput(f"{src}: its adapters do not match adapter_config.json (unexpected {loaded.unexpected_keys[:4]})")
+    peft_model.eval()
+    ids = probe_ids(config.vocab_size)
+    target = getattr(torch, DTYPES[dtype])
+    merged = to_float(peft_model, target).eval()
+
+    def loss_and_logits(m):
+        with torch.no_grad():
+            logits = m(ids).logits.float()
+        return float(F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))), logits
+
+    adapter_loss, adapter_logits = loss_and_logits(peft_model)
+    merged_loss, merged_logits = loss_and_logits(merged)
+    delta = abs(merged_loss - adapter_loss) / adapter_loss
+    if not delta <= MERGE_TOLERANCE:
+        raise CheckFailed(f"the merged model's loss {merged_loss:.4f} is {delta:.2%} from the adapter's {adapter_loss:.4f} "
+                          f"(more than {MERGE_TOLERANCE:.1%}): not writing a merge that lost the training")
+    staged = out.with_name(out.name + ".converting")
+    shutil.rmtree(staged, ignore_errors=True)
+    merged.config.dtype = target
+    merged.save_pretrained(staged)
+    for f in extras:
+        (shutil.copytree if f.is_dir() else shutil.copy2)(f, staged / f.name)
+    return staged, delta, float((merged_logits - adapter_logits).abs().max()), sum(p.numel() for p in merged.parameters())
 
 
 # --- GGUF (llama.cpp, Ollama, LM Studio) ---------------------------------------------------------
@@ -700,11 +782,22 @@ def convert(args) -> dict[str, Any]:
         parameters = sum(v.numel() for v in state.values())
     else:
         masters, module, cfg = read_zero(src)
+        extras = extras or tokenizer_files(src)
+        if masters is None:  # LoRA on NF4: merged and checked the pipeline's way
+            dtype = args.dtype or {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
+                next(v.dtype for k, v in module.items() if "lora_" in k), "fp32")
+            staged, delta, diff, parameters = merge_lora_checkpoint(src, module, out, dtype, extras)
+            if out.exists():
+                out.rmdir()
+            staged.rename(out)
+            return {"kind": "zero", "source": str(src), "output": str(out), "dtype": dtype, "lora_merged": True,
+                    "merge_loss_delta_pct": round(delta * 100, 4), "max_abs_logit_diff": diff,
+                    "parameters": parameters,
+                    "tokenizer": sorted(f.name for f in extras)}
         dtype = args.dtype or {"bfloat16": "bf16", "float16": "fp16"}.get(str(cfg.get("dtype") or cfg.get("torch_dtype")), "fp32")
         from transformers import LlamaConfig
 
         config = LlamaConfig(**{k: v for k, v in cfg.items() if k not in ("architectures", "transformers_version")})
-        extras = extras or tokenizer_files(src)
         if config.tie_word_embeddings:  # the shared head comes back under both names
             masters.pop("lm_head.weight", None)
         staged = write_model(masters, config, out, dtype, extras)
@@ -824,8 +917,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
     else:
         print(f"converted {result['kind']} {result['source']} -> {result['output']}: {result['parameters']:,} parameters "
-              f"in {result['dtype']}; checked: max |logit difference| {result['max_abs_logit_diff']:.2g} "
-              f"(fp32, 3 sequences of 16 tokens; {'q8_0 is lossy: reported' if result['dtype'] == 'q8_0' else f'at most {TOLERANCE:g}'})"
+              f"in {result['dtype']}; checked: "
+              + (f"LoRA merged into the NF4 base: loss {result['merge_loss_delta_pct']:.3f}% from the adapter model's (at most "
+                 f"{MERGE_TOLERANCE:.1%}), max |logit difference| {result['max_abs_logit_diff']:.2g} (fp32, 3 sequences of "
+                 "16 tokens)" if result.get("lora_merged") else
+                 f"max |logit difference| {result['max_abs_logit_diff']:.2g} (fp32, 3 sequences of 16 tokens; "
+                 + ("q8_0 is lossy: reported)" if result["dtype"] == "q8_0" else f"at most {TOLERANCE:g})"))
               + (f"; tokenizer: {', '.join(result['tokenizer'])}" if result["tokenizer"] else "; no tokenizer (--tokenizer DIR)")
               + (f"\npublished to {result['pushed']}" if result.get("pushed") else ""))
     return 0

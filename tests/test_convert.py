@@ -342,3 +342,36 @@ def test_push_publishes_the_result_like_the_pipeline_and_checks_the_token_first(
         assert (tmp_path / "local" / "n.gguf").stat().st_size == (tmp_path / "n.gguf").stat().st_size
     finally:
         hub.stop()
+
+
+@pytest.mark.slow
+def test_a_lora_on_nf4_checkpoint_converts_merged_and_checked(env, tmp_path):
+    """A real USE_QUANT checkpoint (trainer.sh: a float shard, then a run of NF4 + LoRA stopped by
+    MAX_STEPS): its adapters merged onto the published base the pipeline's way, the loss within 0.5%
+    of the adapter model's, and a loadable bf16 model; a base that is not the adapters' is refused."""
+    from conftest import run
+
+    env.update({"SHARD_STEPS": "4", "MAX_RUNS": "1"})
+    assert run(["./trainer.sh"], env, timeout=600).returncode == 0
+    p = run(["./trainer.sh"], {**env, "USE_QUANT": "true", "MAX_STEPS": "1"}, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:]
+    ckpt = Path(env["OUTPUT_REPO"]) / "last-checkpoint"
+    assert (ckpt / "adapter_config.json").exists()
+    p = run([sys.executable, "convert.py", "zero", str(ckpt), str(tmp_path / "merged"), "--json"], env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    result = json.loads(p.stdout.strip().splitlines()[-1])
+    assert result["lora_merged"] and result["merge_loss_delta_pct"] <= 0.5 and result["dtype"] == "bf16"
+    cfg = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert "quantization_config" not in cfg and cfg["architectures"] == ["LlamaForCausalLM"]
+    with torch.no_grad():
+        assert torch.isfinite(logits_of(tmp_path / "merged", IDS)).all()
+    # Another base beside the checkpoint: its NF4 scales are not the ones the adapters saw.
+    from safetensors.torch import load_file, save_file
+
+    weights = Path(env["OUTPUT_REPO"]) / "model.safetensors"
+    state = load_file(weights)
+    state["model.layers.0.mlp.up_proj.weight"] = state["model.layers.0.mlp.up_proj.weight"] * 3
+    save_file(state, str(weights), metadata={"format": "pt"})
+    p = run([sys.executable, "convert.py", "zero", str(ckpt), str(tmp_path / "other")], env, timeout=300)
+    assert p.returncode == 2 and "is not the base its adapters were trained on" in p.stderr, p.stderr[-2000:]
+    assert not (tmp_path / "other").exists()
