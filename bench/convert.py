@@ -38,8 +38,13 @@ def default_model(tmp: Path) -> Path:
     from config import known_names
 
     env = {k: v for k, v in os.environ.items() if k not in known_names() | {"MAX_RUNS", "CONFIG_FILE"}}
+    import socket
+
+    with socket.socket() as sock:  # the status page's port: one nobody holds
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     env.update({"OUTPUT_REPO": str(tmp / "out" / "llama"), "WORK_DIR": str(tmp / "work"), "HF_HOME": str(tmp / "hf"),
-                "KEEP_SERVING": "false", "PORT": "0", "PATH": f"{Path(sys.executable).parent}:{env.get('PATH', '')}"})
+                "KEEP_SERVING": "false", "PORT": str(port), "PATH": f"{Path(sys.executable).parent}:{env.get('PATH', '')}"})
     p = subprocess.run(["./trainer.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
     if p.returncode != 0:
         raise SystemExit(f"the default pipeline failed (exit {p.returncode}):\n{p.stdout[-3000:]}")
