@@ -42,6 +42,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from clean_env import pipeline_env, settings_vars  # noqa: E402
 
 LIBRARIES = ("torch", "transformers", "trl", "peft", "deepspeed", "bitsandbytes", "datasets", "accelerate",
              "huggingface_hub", "tokenizers", "safetensors", "pydantic", "pyarrow")
@@ -49,28 +52,6 @@ LIBRARIES = ("torch", "transformers", "trl", "peft", "deepspeed", "bitsandbytes"
 
 ORDER = ["versions", "setup", "preflight", "throughput", "pipeline_bf16", "pipeline_fp16", "pipeline_nf4", "memory",
          "stop_resume", "two_ranks"]
-
-
-def settings_vars() -> set[str]:
-    """The settings' environment names: a check starts from none of the caller's."""
-    from config import known_names
-
-    return known_names() | {"MAX_RUNS", "CONFIG_FILE"}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def head_jsonl(src: Path, dst: Path, n: int) -> Path:
-    with src.open() as f, dst.open("w") as g:
-        for _, line in zip(range(n), f):
-            g.write(line)
-    return dst
 
 
 def gpu_count() -> int:
@@ -137,21 +118,7 @@ class Runner:
     def pipeline_env(self, tag: str, **settings: str) -> dict[str, str]:
         """A clean environment for one pipeline: its own output, work dir, HF home and port; on the
         GPU the embedded default data and settings, in a dry run tiny data and short shards."""
-        root = self.tmp / tag
-        root.mkdir(parents=True)
-        env = {k: v for k, v in os.environ.items() if k not in settings_vars()}
-        env.update({"OUTPUT_REPO": str(root / "out" / "llama"), "WORK_DIR": str(root / "work"),
-                    "HF_HOME": str(root / "hf"), "HF_HUB_OFFLINE": "1", "PORT": str(free_port()),
-                    "PYTHONUNBUFFERED": "1", "KEEP_SERVING": "false"})
-        if self.dry:
-            data = root / "data"
-            data.mkdir()
-            env.update({"INPUT_DATASET": str(head_jsonl(ROOT / "data" / "pretrain.jsonl", data / "pretrain.jsonl", 400)),
-                        "INSTRUCT_DATASET": str(head_jsonl(ROOT / "data" / "instruct.jsonl", data / "instruct.jsonl", 160)),
-                        "SHARD_SIZE": "200", "MAX_LENGTH": "64", "BATCH_SIZE": "8", "SHARD_STEPS": "3",
-                        "VAL_FRACTION": "0.1", "DS_ACCELERATOR": "cpu"})
-        env.update(settings)
-        return env
+        return {**pipeline_env(self.tmp / tag, tiny=self.dry, cpu=self.dry), **settings}
 
     # --- the checks ------------------------------------------------------------------------------
     def versions(self) -> dict:

@@ -27,9 +27,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
 
-from conftest import make_env  # noqa: E402
+from clean_env import pipeline_env  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,9 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     gpu = gpu_count() > 0
     resumed: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="bench-stop-") as tmp:
-        env = make_env(Path(tmp))
-        if gpu:
-            env.pop("DS_ACCELERATOR")
+        env = pipeline_env(Path(tmp), tiny=True, cpu=not gpu)
         env.update({"MODEL_SIZE": args.size, "MAX_LENGTH": str(args.max_length), "SHARD_SIZE": "200",
                     "BATCH_SIZE": str(args.batch), "VAL_FRACTION": "0.02", "SHARD_STEPS": "100000", "VOCAB_SIZE": "4096"})
         proc = subprocess.Popen(["./trainer.sh"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
