@@ -814,7 +814,6 @@ def convert(args) -> dict[str, Any]:
         with torch.no_grad():
             reference = ref_model(ids).logits
         parameters = sum(v.numel() for v in masters.values())
-        arch = {"vocab_size": config.vocab_size}
     try:
         diff = check(reference, hf_logits(staged, ids), f"{args.kind} -> hf")
     except CheckFailed:

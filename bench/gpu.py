@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from clean_env import pipeline_env, settings_vars  # noqa: E402
+from clean_env import gpu_count, pipeline_env, settings_vars  # noqa: E402
 
 LIBRARIES = ("torch", "transformers", "trl", "peft", "deepspeed", "bitsandbytes", "datasets", "accelerate",
              "huggingface_hub", "tokenizers", "safetensors", "pydantic", "pyarrow")
@@ -52,14 +52,6 @@ LIBRARIES = ("torch", "transformers", "trl", "peft", "deepspeed", "bitsandbytes"
 
 ORDER = ["versions", "setup", "preflight", "throughput", "pipeline_bf16", "pipeline_fp16", "pipeline_nf4", "memory",
          "stop_resume", "two_ranks"]
-
-
-def gpu_count() -> int:
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=60).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return 0
-    return sum(line.startswith("GPU") for line in out.splitlines())
 
 
 def last_json(text: str) -> dict:

@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-from clean_env import pipeline_env  # noqa: E402
+from clean_env import gpu_count, pipeline_env  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,14 +85,6 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, " + (gpu_name() if gpu else "CPU only"),
     }))
     return 0
-
-
-def gpu_count() -> int:
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return 0
-    return sum(line.startswith("GPU") for line in out.splitlines())
 
 
 def gpu_name() -> str:
