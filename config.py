@@ -275,6 +275,9 @@ class Settings(BaseSettings):
                                       description="Cap on the text (MB) the tokenizer is trained on (first run only).")
     vocab_size: int = _env("VOCAB_SIZE", default=4096, ge=300, le=262144, description="Tokenizer vocabulary size.")
     max_length: int = _env("MAX_LENGTH", default=256, ge=16, le=131072, description="Tokens per training sequence.")
+    pack_chats: bool = _env("PACK_CHATS", default=True,
+                            description="Instruct stage: pack several whole chats into each MAX_LENGTH sequence (attention and "
+                                        "positions restart at each chat, loss on answers only); false: one chat per sequence, padded.")
 
     # --- model -----------------------------------------------------------------------------------
     model_size: str | None = _env("MODEL_SIZE", default=None,

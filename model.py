@@ -12,7 +12,7 @@ nothing of ours. TRL, DeepSpeed, PEFT (q_proj … down_proj), bitsandbytes NF4, 
 checkpointing, `generate()` and `pipeline()` see a Llama.
 
 Where it differs from transformers' class: attention is one `scaled_dot_product_attention` call
-with the GQA groups broadcast instead of copied and no mask tensor unless left padding or a cache
+with the GQA groups broadcast instead of copied and no mask tensor unless left padding, packed sequences or a cache
 needs one; generation runs a plain loop over a preallocated cache; the LM loss goes through
 `lm_loss`'s chunked head without full logits. Concatenating q/k/v and gate/up into one matmul each
 was measured and dropped: no gain in a training step on this CPU, and a loss when decoding.
@@ -172,6 +172,22 @@ def attention_mask_for(attention_mask: torch.Tensor | None, T: int, past: int,
     return mask, False
 
 
+def packed_mask(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """The causal mask (B, 1, T, T) of rows that hold several sequences, None for one sequence per row.
+
+    A packed row's position ids restart at 0 where each sequence starts (prep packs chats that way):
+    a token sees the earlier tokens of its own sequence only, never those of the sequence before.
+    """
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    if not bool(starts[:, 1:].any()):
+        return None
+    segment = starts.cumsum(-1)                                            # (B, T): the sequence of each token
+    T = position_ids.shape[-1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
+    return (segment[:, :, None] == segment[:, None, :])[:, None] & causal   # (B, 1, T, T)
+
+
 class Decoder(LlamaPreTrainedModel):
     """Embeddings, the blocks and the final norm: hidden states (B, T, d), as transformers' LlamaModel."""
 
@@ -208,6 +224,10 @@ class Decoder(LlamaPreTrainedModel):
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=x.device)[None]   # (1, T): one table for the batch
         mask, causal = attention_mask_for(attention_mask, T, past, x.device)
+        if attention_mask is None and past == 0 and T > 1:
+            packed = packed_mask(position_ids)
+            if packed is not None:
+                mask, causal = packed, False
         cos, sin = self.rope(position_ids, x.dtype)
         for block in self.layers:
             if block.compiled is not None and past_key_values is None:  # generation (a cache) stays eager

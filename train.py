@@ -64,6 +64,43 @@ def checkpointing_arg(on: bool) -> dict[str, bool]:
     return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": on}
 
 
+def sequences_per_batch(s: Settings, manifest: dict[str, Any]) -> int:
+    """Sequences per micro-batch. BATCH_SIZE counts chats when chats are packed: a step trains about
+    as many chats as it would one per sequence, in fewer sequences, so packing removes the padding's
+    compute and changes nothing else (steps per shard, tokens per step, the learning rate's meaning).
+    Steps of BATCH_SIZE packed sequences instead would take ~5x fewer steps on the default set, and
+    measured a validation loss 67 % higher after the same tokens."""
+    if not manifest.get("packed_chats"):
+        return s.batch_size
+    chats_per_sequence = manifest["train_chats"] / manifest["train_sequences"]
+    return max(1, round(s.batch_size / chats_per_sequence))
+
+
+class PackedCollator:
+    """Batches of packed chats (prep.pack_chats): input_ids, labels and position_ids, and no attention
+    mask, so the attention restarts where the position ids do (our model and transformers' both read
+    the boundaries from them). Shorter rows are filled at the end with pad tokens that carry no loss
+    and whose positions restart at 0: they form a sequence of their own, seen by no real token."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        T = max(len(e["input_ids"]) for e in examples)
+        ids = torch.full((len(examples), T), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(examples), T), -100, dtype=torch.long)
+        pos = torch.arange(T).repeat(len(examples), 1)
+        for r, e in enumerate(examples):
+            n = len(e["input_ids"])
+            ids[r, :n] = torch.as_tensor(e["input_ids"])
+            labels[r, :n] = torch.as_tensor(e["labels"])
+            pos[r, :n] = torch.as_tensor(e["position_ids"])
+            pos[r, n:] -= n
+        return {"input_ids": ids, "labels": labels, "position_ids": pos}
+
+
 def build_trainer(s: Settings, prepared: Path, out: Path, precision: str, callbacks: list):
     """The TRL SFT trainer over the prepared datasets, with DeepSpeed ZeRO-2 and this run's schedule."""
     import torch
@@ -117,6 +154,7 @@ def build_trainer(s: Settings, prepared: Path, out: Path, precision: str, callba
     manifest = json.loads((prepared / "manifest.json").read_text())
     tok = AutoTokenizer.from_pretrained(prepared / "tokenizer")
     train_ds, val_ds = load_from_disk(str(prepared / "train")), load_from_disk(str(prepared / "val"))
+    micro_batch = sequences_per_batch(s, manifest)
     ckpt = use_gradient_checkpointing(s, manifest["architecture"], precision, manifest["train_format"] == "nf4")
     if manifest["train_format"] == "nf4":
         # The NF4 base loads as bitsandbytes 4-bit layers (its config.json carries the quantization
@@ -138,8 +176,8 @@ def build_trainer(s: Settings, prepared: Path, out: Path, precision: str, callba
     configure_trackers(s, out, manifest)
     args = SFTConfig(
         output_dir=str(out / "trainer"),
-        per_device_train_batch_size=s.batch_size,
-        per_device_eval_batch_size=s.batch_size,
+        per_device_train_batch_size=micro_batch,
+        per_device_eval_batch_size=micro_batch,
         gradient_accumulation_steps=s.gradient_accumulation_steps,
         num_train_epochs=s.epochs,
         max_steps=s.shard_steps or -1,
@@ -155,7 +193,7 @@ def build_trainer(s: Settings, prepared: Path, out: Path, precision: str, callba
         **checkpointing_arg(ckpt),
         seed=s.seed,
         data_seed=s.seed,
-        logging_steps=max(1, min(50, len(train_ds) // (s.batch_size * 20) or 1)),
+        logging_steps=max(1, min(50, len(train_ds) // (micro_batch * 20) or 1)),
         report_to=s.trackers or "none",
         project=s.tracker_project(),
         run_name=tensorboard_run(manifest),
@@ -170,8 +208,9 @@ def build_trainer(s: Settings, prepared: Path, out: Path, precision: str, callba
         dataloader_drop_last=False,
         disable_tqdm=int(os.environ.get("RANK", "0")) != 0,
     )
+    packed = manifest.get("packed_chats", False)
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds, processing_class=tok,
-                      callbacks=callbacks)
+                      callbacks=callbacks, **({"data_collator": PackedCollator(tok.pad_token_id)} if packed else {}))
     earlier = prepared / "checkpoint" / DATA_ORDER
     trainer.batch_digests = json.loads(earlier.read_text()) if earlier.exists() else []
     return trainer, tok, ckpt
@@ -556,6 +595,11 @@ def fit(s: Settings, work: Path) -> int:
             f"sequences of <= {s.max_length} tokens; precision {precision}; {world} rank(s) on "
             f"{'GPU' if torch.cuda.is_available() else 'CPU'}; ZeRO-2; gradient checkpointing {'on' if ckpt else 'off'}; "
             f"{max(0.0, until - time.time()) / 60:.1f} min of the time budget left")
+        if manifest.get("packed_chats"):
+            micro = trainer.args.per_device_train_batch_size
+            log(f"chats packed: {manifest['train_chats']} training chats in {manifest['train_sequences']} sequences; "
+                f"{micro} sequence(s) per micro-batch hold ~{micro * manifest['train_chats'] / manifest['train_sequences']:.0f} "
+                f"chats (BATCH_SIZE={s.batch_size} counts chats)")
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         if manifest["train_format"] == "nf4":
             log(f"NF4 base + LoRA r={s.lora_r} alpha={s.lora_alpha:g} on {s.lora_targets}: {trainable:,} trainable parameters")
@@ -583,7 +627,7 @@ def fit(s: Settings, work: Path) -> int:
             return {"run_id": manifest["run_id"], "partial": True, "data_fingerprint": manifest["data_fingerprint"],
                     "stop_reason": reason, "step": state.global_step, "max_steps": state.max_steps,
                     "eval_loss_before": before,
-                    "samples_seen": state.global_step * s.batch_size * s.gradient_accumulation_steps * world,
+                    "samples_seen": state.global_step * trainer.args.per_device_train_batch_size * s.gradient_accumulation_steps * world,
                     "tokens": int(state.num_input_tokens_seen), "train_runtime_s": time.perf_counter() - t0,
                     "first_step_s": budget.first_step_s, "tensorboard_run": tensorboard_run(manifest)}
 

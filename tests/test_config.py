@@ -24,6 +24,7 @@ CASES = {
     "TOKENIZER_SAMPLE_MB": ("8", 8.0, "-1"),
     "VOCAB_SIZE": ("32000", 32000, "10"),
     "MAX_LENGTH": ("512", 512, "8"),
+    "PACK_CHATS": ("false", False, "sometimes"),
     "MODEL_SIZE": ("125M", "125M", "huge"),
     "TARGET_PARAMETERS": ("1.5B", "1.5B", "5T"),
     "FACTOR": ("512", 512, "32"),

@@ -406,3 +406,36 @@ def test_every_conversion_path_between_runs_publishes_plain_bf16(env, tmp_path):
         model = AutoModelForCausalLM.from_pretrained(target)
         assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert record(env["OUTPUT_REPO"] + "-it")["done"]
+
+
+def test_a_packed_instruct_shard_resumed_trains_the_batches_of_one_run(env):
+    """Chats packed (PACK_CHATS, the default): an instruct shard cut by MAX_STEPS and resumed trains
+    exactly the micro-batches, in the same order, of the same shard trained in one run."""
+    from conftest import head_jsonl
+
+    env = {k: v for k, v in env.items() if k != "SHARD_STEPS"} | {
+        "INPUT_DATASET": str(head_jsonl(Path(env["INPUT_DATASET"]), Path(env["WORK_DIR"]).parent / "pre200.jsonl", 200)),
+        "MAX_LENGTH": "128", "MAX_RUNS": "1", "EVAL_INTERVAL": "0"}
+    out = Path(env["OUTPUT_REPO"])
+    it = out.parent / (out.name + "-it")
+    p = run(["./trainer.sh"], env | {"SHARD_STEPS": "2"}, timeout=600)  # the only pretraining shard
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert record(out)["next"] == {"inst": True, "init": 0}
+
+    p = run(["./trainer.sh"], env | {"MAX_STEPS": "3"}, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "chats packed:" in p.stdout and record(it)["resume"]["step"] == 3
+    manifest = json.loads((Path(env["WORK_DIR"]) / "prepared" / "manifest.json").read_text())
+    assert manifest["packed_chats"] and manifest["train_sequences"] < manifest["train_chats"]
+    p = run(["./trainer.sh"], env, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    chain = json.loads((it / "runs" / "data_order.json").read_text())
+    last = record(it)["history"][-1]
+    assert last["resumed_from_step"] == 3 and "resume" not in record(it)
+
+    it.rename(out.parent / "chain-it")
+    p = run(["./trainer.sh"], env, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    one = json.loads((it / "runs" / "data_order.json").read_text())
+    assert len(one) == record(it)["history"][-1]["steps"] > 3
+    assert chain == one and last["data_order_sha256"] == record(it)["history"][-1]["data_order_sha256"]
