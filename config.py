@@ -206,8 +206,9 @@ class _FileSource(PydanticBaseSettingsSource):
                 f"({', '.join(sorted(known))})." for k in unknown
             ])
         # Values of any type become what the environment would have given (strings), so the same
-        # validation applies; lists/dicts are not accepted by any field.
-        return {str(k).upper(): (str(v).lower() if isinstance(v, bool) else str(v)) for k, v in data.items()}
+        # validation applies; a list (the datasets of INPUT_DATASET / INSTRUCT_DATASET) becomes JSON.
+        return {str(k).upper(): (str(v).lower() if isinstance(v, bool) else json.dumps(v) if isinstance(v, (list, dict))
+                                 else str(v)) for k, v in data.items()}
 
 
 def _parse_error(e: Exception) -> str:
@@ -264,7 +265,7 @@ class Settings(BaseSettings):
 
     # --- data ------------------------------------------------------------------------------------
     input_dataset: str = _env("INPUT_DATASET", "INPUT_DS", default="data/pretrain.jsonl",
-                              description="Pretraining corpus: Hub dataset id, local directory, or .jsonl/.json/.parquet/.txt file.")
+                              description="Pretraining corpus: Hub dataset id, local directory, or .jsonl/.json/.parquet/.txt file; or several mixed by weight, a:0.7,b:0.3.")
     instruct_dataset: str = _env("INSTRUCT_DATASET", "INST_DS", default="data/instruct.jsonl",
                                  description="Instruction (chat) dataset, same forms as INPUT_DATASET.")
     text_column: str = _env("TEXT_COLUMN", default="text", description="Pretraining text column.")
@@ -466,6 +467,13 @@ def _cross_checks(s: Settings) -> list[str]:
     for var, spec in (("BASE_MODEL", s.base_model), ("TOKENIZER", s.tokenizer)):
         if spec is not None and not is_local_target(spec) and not HUB_ID.fullmatch(spec):
             problems.append(f"{var}={spec!r}: neither a local path (./dir, /dir, ~/dir) nor a Hub repo id (owner/name).")
+    from sources import parse_sources
+
+    for var, spec in (("INPUT_DATASET", s.input_dataset), ("INSTRUCT_DATASET", s.instruct_dataset)):
+        try:
+            parse_sources(spec, var)
+        except BadInput as e:
+            problems.extend(e.problems)
     if s.compile and s.model_impl != "ours":
         problems.append("COMPILE=true compiles our model's blocks, but MODEL_IMPL is 'transformers'. Fix: MODEL_IMPL=ours, or COMPILE=false.")
     if s.factor is not None and s.factor % 64:

@@ -67,24 +67,27 @@ def check_data(s: Settings, plan: RunPlan) -> Check:
     """The dataset of this run's stage: readable, non-empty, expected columns, first rows well formed."""
     import datasets
 
-    from prep import load_rows, pretrain_texts, shard_bounds, to_messages
+    from prep import shard_bounds, to_messages
+    from sources import Corpus, parse_sources
 
     datasets.disable_progress_bars()
 
     var, spec = ("INSTRUCT_DATASET", s.instruct_dataset) if plan.inst else ("INPUT_DATASET", s.input_dataset)
     if plan.done:
         return Check("data", True, "nothing to read: the pipeline is done")
-    ds = load_rows(spec, var, s.dataset_split, s.hf_token.get_secret_value() if s.hf_token else None)
-    start, _, shards = shard_bounds(len(ds), plan.shard, s.shard_size, var)
-    head = ds.select(range(start, min(start + 50, len(ds))))
+    corpus = Corpus(parse_sources(spec, var), var, s.text_column, s.dataset_split,
+                    s.hf_token.get_secret_value() if s.hf_token else None, s.seed)
+    start, _, shards = shard_bounds(len(corpus), plan.shard, s.shard_size, var)
+    head = min(start + 50, len(corpus))
     if plan.inst:
-        for i, row in enumerate(head):
-            to_messages(row, f"{var} row {start + i}")
+        rows, which = corpus.records(start, head)
+        for i, (row, w) in enumerate(zip(rows, which)):
+            to_messages(row, corpus.where(start + i, w))
     else:
-        pretrain_texts(head, s.text_column, var)
-    return Check("data", True, f"{var}={spec}: {len(ds)} rows, {shards} shard(s) of {s.shard_size}; "
+        corpus.texts(start, head)
+    return Check("data", True, f"{var}={corpus.describe()}, {shards} shard(s) of {s.shard_size}; "
                  f"shard {plan.shard} starts well formed",
-                 data={"rows": len(ds), "shards": shards})
+                 data={"rows": len(corpus), "shards": shards})
 
 
 def check_output(s: Settings) -> Check:
@@ -255,8 +258,10 @@ def disk_needed(s: Settings, plan: RunPlan, rows: int | None, arch: dict[str, An
 
     n = count_parameters(arch or architecture(s))
     nf4 = plan.train_format(s.use_quant) == "nf4"
-    spec = s.instruct_dataset if plan.inst else s.input_dataset
-    raw = _size_of(spec) or 0
+    from sources import parse_sources
+
+    var, spec = ("INSTRUCT_DATASET", s.instruct_dataset) if plan.inst else ("INPUT_DATASET", s.input_dataset)
+    raw = sum(_size_of(src.path) or 0 for src in parse_sources(spec, var))
     shard = raw * min(1.0, s.shard_size / rows) if rows else raw
     model = 2 * n
     trainable = int(n * 0.05) if nf4 else n

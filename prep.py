@@ -32,6 +32,7 @@ from config import (BadInput, failure_exit, quiet_disk_full_in_threads, RunFailu
 from quant_utils import convert, non_finite_tensors, verify_checkpoint
 from output_lock import acquire
 from run_state import validate_checkpoint
+from sources import Corpus, parse_sources
 from util import RunPlan, fetch, hub, link_or_copy, llama_config, materialize, plan_run, read_record
 
 BOS, EOS, PAD, UNK = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>", "<|unk|>"
@@ -64,38 +65,6 @@ def log(msg: str) -> None:
 # --- data ------------------------------------------------------------------------------------------
 
 
-def load_rows(spec: str, var: str, split: str, token: str | None = None):
-    """Load a dataset the same way whether `spec` is a Hub id, a local directory or a file."""
-    import datasets
-
-    p = Path(spec).expanduser()
-    builders = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
-    try:
-        if p.is_file():
-            builder = builders.get(p.suffix.lower())
-            if builder is None:
-                raise BadInput([f"{var}={spec!r}: unsupported file type {p.suffix!r}. Fix: use .jsonl, .json, .parquet, .csv or .txt."])
-            if p.stat().st_size == 0:
-                raise BadInput([f"{var}={spec!r}: the file is empty. Fix: point {var} at a file with rows."])
-            kw = {"sample_by": "paragraph"} if builder == "text" else {}
-            ds = datasets.load_dataset(builder, data_files=str(p), split="train", **kw)
-        elif p.is_dir():
-            ds = datasets.load_dataset(str(p), split=split)
-        elif spec.startswith(("/", "./", "../", "~")) or spec.endswith(tuple(builders)):
-            raise BadInput([f"{var}={spec!r}: no such file or directory. Fix: check the path (relative paths start in the project directory)."])
-        else:
-            ds = datasets.load_dataset(spec, split=split, token=token)
-    except BadInput:
-        raise
-    except Exception as e:  # noqa: BLE001 - datasets raises many types for unreadable input; all are bad input here
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BadInput([f"{var}={spec!r}: cannot be read as a dataset ({type(e).__name__}: {first[:300]}). "
-                        f"Fix: a Hub dataset id, a directory of data files, or a valid .jsonl/.parquet/.txt file."]) from None
-    if len(ds) == 0:
-        raise BadInput([f"{var}={spec!r}: the dataset has no rows. Fix: point {var} at data with rows."])
-    return ds
-
-
 def shard_bounds(n_rows: int, shard: int, shard_size: int, var: str) -> tuple[int, int, int]:
     """(start, end, shards_total) of `shard`; an index past the end is bad input."""
     total = math.ceil(n_rows / shard_size)
@@ -103,18 +72,6 @@ def shard_bounds(n_rows: int, shard: int, shard_size: int, var: str) -> tuple[in
         raise BadInput([f"INIT={shard}: {var} has {n_rows} rows, so only {total} shard(s) of SHARD_SIZE={shard_size} "
                         f"(INIT 0..{total - 1}). Fix: a smaller INIT, or unset INIT to follow the record."])
     return shard * shard_size, min(n_rows, (shard + 1) * shard_size), total
-
-
-def pretrain_texts(ds, column: str, var: str) -> list[str]:
-    if column not in ds.column_names:
-        raise BadInput([f"{var}: no column {column!r} (columns: {', '.join(ds.column_names)}). "
-                        f"Fix: set TEXT_COLUMN to the column holding the text."])
-    texts = ds[column]
-    bad = [i for i, t in enumerate(texts) if t is not None and not isinstance(t, str)]
-    if bad:
-        raise BadInput([f"{var}: column {column!r} holds non-text values (row {bad[0]}: {type(texts[bad[0]]).__name__}). "
-                        "Fix: a column of strings."])
-    return [t for t in texts if t and t.strip()]
 
 
 CHAT_ROW_FIX = ("Fix: each row needs 'messages': [{\"role\": \"system\"|\"user\"|\"assistant\", \"content\": \"...\"}, ...] "
@@ -172,19 +129,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, max_length: int):
                                  model_max_length=max_length, padding_side="right")
     hf.chat_template = CHAT_TEMPLATE
     return hf
-
-
-def sample_for_tokenizer(ds, column: str, cap_bytes: int) -> list[str]:
-    """The first rows of the corpus up to `cap_bytes` of text (the tokenizer needs a sample, not everything)."""
-    out, total = [], 0
-    for start in range(0, len(ds), 10_000):
-        for t in ds[start:start + 10_000][column]:
-            if isinstance(t, str) and t:
-                out.append(t)
-                total += len(t.encode())
-                if total >= cap_bytes:
-                    return out
-    return out
 
 
 def load_tokenizer(path: Path, where: str):
@@ -324,13 +268,14 @@ def tokenize_texts(tok, texts: list[str], batch: int = 2000) -> list[list[int]]:
     return out
 
 
-def tokenize_chats(tok, chats: list[list[dict[str, str]]], max_length: int) -> tuple[list[list[int]], list[list[int]], int]:
+def tokenize_chats(tok, chats: list[list[dict[str, str]]], max_length: int,
+                   kept: list[int] | None = None) -> tuple[list[list[int]], list[list[int]], int]:
     """input_ids and labels (-100 outside assistant answers) per chat; chats with no answer left after
-    truncation to `max_length` are dropped and counted."""
+    truncation to `max_length` are dropped and counted (`kept`, given, gets the index of each chat kept)."""
     from tqdm import tqdm
 
     ids_out, labels_out, dropped = [], [], 0
-    for msgs in tqdm(chats, desc="[prep] render chats", unit="chat", disable=len(chats) < 500, mininterval=2):
+    for n, msgs in enumerate(tqdm(chats, desc="[prep] render chats", unit="chat", disable=len(chats) < 500, mininterval=2)):
         try:
             enc = tok.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
         except Exception as e:  # noqa: BLE001 - jinja raises many types; a template that fails is bad input
@@ -344,7 +289,21 @@ def tokenize_chats(tok, chats: list[list[dict[str, str]]], max_length: int) -> t
             continue
         ids_out.append(ids)
         labels_out.append(labels)
+        if kept is not None:
+            kept.append(n)
     return ids_out, labels_out, dropped
+
+
+def source_stats(corpus, start: int, end: int, which: list[int], doc_tokens: list[tuple[int, int]]) -> list[dict[str, Any]]:
+    """Per source of an interleaved shard: its weight, rows, documents kept and tokens (the record's mix)."""
+    rows = corpus.rows_per_source(start, end)
+    docs, tokens = [0] * len(rows), [0] * len(rows)
+    for w in which:
+        docs[w] += 1
+    for w, n in doc_tokens:
+        tokens[w] += n
+    return [{"path": src.path, "weight": src.weight, "rows": r, "documents": d, "tokens": t}
+            for src, r, d, t in zip(corpus.sources, rows, docs, tokens)]
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -474,17 +433,17 @@ def prepare(s: Settings, plan: RunPlan) -> dict[str, Any]:
         log("USE_QUANT=true on the first pretraining run: it builds the model, so it trains every weight in full "
             "precision (fresh weights frozen in 4-bit would teach nothing); later runs train NF4 + LoRA")
     precision = resolve_precision(s)
-    ds = load_rows(spec, var, s.dataset_split, token)
-    start, end, total = shard_bounds(len(ds), plan.shard, s.shard_size, var)
-    shard = ds.select(range(start, end))
-    log(f"{var}={spec}: {len(ds)} rows; shard {plan.shard} = rows {start}..{end - 1} ({total} shard(s))")
+    corpus = Corpus(parse_sources(spec, var), var, s.text_column, s.dataset_split, token, s.seed)
+    start, end, total = shard_bounds(len(corpus), plan.shard, s.shard_size, var)
+    log(f"{var}={corpus.describe()}; shard {plan.shard} = rows {start}..{end - 1} ({total} shard(s))")
     status_page.emit("plan", stage=plan.stage, shard=plan.shard, shards_total=total, describe=plan.describe())
 
     # Validate the whole shard before tokenizing anything.
     if plan.inst:
-        chats = [to_messages(row, f"{var} row {start + i}") for i, row in enumerate(shard)]
+        rows, which = corpus.records(start, end)
+        chats = [to_messages(row, corpus.where(start + i, w)) for i, (row, w) in enumerate(zip(rows, which))]
     else:
-        texts = pretrain_texts(shard, s.text_column, var)
+        texts, which = corpus.texts(start, end)
         if not texts:
             raise BadInput([f"{var}: shard {plan.shard} has no non-empty {s.text_column!r} values. Fix: check the data."])
 
@@ -506,7 +465,7 @@ def prepare(s: Settings, plan: RunPlan) -> dict[str, Any]:
             tok = given_tokenizer("TOKENIZER" if s.tokenizer else "BASE_MODEL", s.tokenizer or s.base_model, s)
         elif plan.source is None:
             log(f"training a byte-level BPE tokenizer (vocab {s.vocab_size}) on up to {s.tokenizer_sample_mb:g} MB of {var}")
-            sample = sample_for_tokenizer(ds, s.text_column, int(s.tokenizer_sample_mb * 1e6))
+            sample = corpus.sample_texts(int(s.tokenizer_sample_mb * 1e6))
             tok = train_tokenizer(sample, s.vocab_size, s.max_length)
         else:
             if not (source_dir / "tokenizer.json").exists():
@@ -520,18 +479,25 @@ def prepare(s: Settings, plan: RunPlan) -> dict[str, Any]:
 
         t1 = time.perf_counter()
         if plan.inst:
-            ids, labels, dropped = tokenize_chats(tok, chats, s.max_length)
+            kept: list[int] = []
+            ids, labels, dropped = tokenize_chats(tok, chats, s.max_length, kept)
             if dropped:
                 log(f"dropped {dropped} chat(s) whose answer starts beyond MAX_LENGTH={s.max_length}")
             seqs, seq_labels = ids, labels
             n_docs = len(chats)
             raw_bytes = sum(len(m["content"].encode()) for c in chats for m in c)
+            doc_tokens = [(which[i], len(x)) for i, x in zip(kept, ids)]
         else:
             docs = tokenize_texts(tok, texts)
             seqs, seq_labels = pack(docs, tok.eos_token_id, s.max_length), None
             n_docs = len(texts)
             raw_bytes = sum(len(t.encode()) for t in texts)
+            doc_tokens = [(w, len(x) + 1) for w, x in zip(which, docs)]
         dt = time.perf_counter() - t1
+        mix = source_stats(corpus, start, end, which, doc_tokens) if len(corpus.sources) > 1 else None
+        if mix:
+            log("mix of this shard: " + "; ".join(f"{m['path']} {m['rows']} rows, {m['tokens']:,} tokens "
+                                                 f"({m['tokens'] / max(1, sum(x['tokens'] for x in mix)):.0%})" for m in mix))
         tokens = sum(len(x) for x in seqs)
         # The held-out split is drawn over documents' sequences (pretraining) or chats (instruct)
         # before chats are packed, so the same chats are held out whether packed or not.
@@ -581,6 +547,7 @@ def prepare(s: Settings, plan: RunPlan) -> dict[str, Any]:
             "plan": asdict(plan),
             "dataset": spec, "rows": end - start, "documents": n_docs, "shards_total": total,
             "tokens": tokens, "sequences": n_train + n_val, "train_sequences": n_train, "val_sequences": n_val,
+            **({"sources": mix} if mix else {}),
             "packed_chats": packed, **({"train_chats": len(train_idx)} if packed else {}),
             "raw_bytes": raw_bytes, "tokenize_seconds": dt,
             "architecture": arch, "parameters": count_parameters(arch),

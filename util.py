@@ -258,6 +258,8 @@ def build_record(s: Settings, plan: RunPlan, manifest: dict[str, Any], metrics: 
                 if k in metrics}}
     if "origin" in manifest:  # where the first run's weights and tokenizer came from (BASE_MODEL, TOKENIZER)
         entry["origin"] = manifest["origin"]
+    if "sources" in manifest:  # several datasets interleaved: rows, documents and tokens of each in this shard
+        entry["sources"] = manifest["sources"]
     resumed = (previous or {}).get("resume") or {}
     if resumed.get("stage") == plan.stage and resumed.get("shard") == plan.shard:
         entry["interruptions"] = resumed.get("interruptions", 0)

@@ -168,7 +168,7 @@ def test_bad_input_exits_2_naming_it_and_writes_nothing(env, tmp_path, case):
 def test_datasets_load_the_same_way_from_files_and_directories(tmp_path, monkeypatch, form):
     import datasets
 
-    from prep import load_rows, pretrain_texts
+    from sources import Corpus, Source
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     texts = ["The cat says meow.", "A baker bakes bread.", "After one comes two."]
@@ -185,8 +185,8 @@ def test_datasets_load_the_same_way_from_files_and_directories(tmp_path, monkeyp
         spec = tmp_path / "corpus"
         spec.mkdir()
         (spec / "part-0.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    ds = load_rows(str(spec), "INPUT_DATASET", "train")
-    assert [t.strip() for t in pretrain_texts(ds, "text", "INPUT_DATASET")] == texts
+    corpus = Corpus([Source(str(spec))], "INPUT_DATASET", "text", "train", None, seed=0)
+    assert [t.strip() for t in corpus.texts(0, len(corpus))[0]] == texts
 
 
 def _plain_tokenizer(path: Path) -> None:
