@@ -88,7 +88,7 @@ class Corpus:
 
     def __init__(self, sources: list[Source], var: str, text_column: str, split: str, token: str | None, seed: int):
         self.sources, self.var, self.text_column = sources, var, text_column
-        self.datasets = [load_rows(src.path, var if len(sources) == 1 else f"{var} ({src.path})",
+        self.datasets = [open_rows(src.path, var if len(sources) == 1 else f"{var} ({src.path})",
                                    src.split or split, token) for src in sources]
         self.order = None if len(sources) == 1 else self._interleave(seed)
 
@@ -144,7 +144,7 @@ class Corpus:
             if column not in ds.column_names:
                 raise BadInput([f"{where}: no column {column!r} (columns: {', '.join(ds.column_names)}). "
                                 "Fix: set TEXT_COLUMN (or the source's text_column) to the column holding the text."])
-            got = ds[int(rows[0]):int(rows[-1]) + 1][column] if _contiguous(rows) else ds.select(rows)[column]
+            got = ds.read(rows, [column])[column]
             for pos, v in zip(at.tolist(), got):
                 values[pos] = v
                 which[pos] = i
@@ -167,8 +167,8 @@ class Corpus:
         out: list = [None] * (end - start)
         which = [0] * (end - start)
         for i, rows, at in self._pieces(start, end):
-            ds = self.datasets[i]
-            part = ds.select(range(int(rows[0]), int(rows[-1]) + 1)) if _contiguous(rows) else ds.select(rows)
+            cols = self.datasets[i].read(rows, None)
+            part = [dict(zip(cols, values)) for values in zip(*cols.values())]
             for pos, row in zip(at.tolist(), part):
                 out[pos] = row
                 which[pos] = i
@@ -224,6 +224,147 @@ def load_rows(spec: str, var: str, split: str, token: str | None = None):
     if len(ds) == 0:
         raise BadInput([f"{var}={spec!r}: the dataset has no rows. Fix: point {var} at data with rows."])
     return ds
+
+
+class DatasetRows:
+    """A source loaded whole by `datasets` (files, a directory of non-Parquet files, a Hub dataset
+    without Parquet files)."""
+
+    def __init__(self, ds) -> None:
+        self.ds = ds
+        self.column_names = ds.column_names
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def read(self, rows, columns: list[str] | None) -> dict[str, list]:
+        """Columns of `rows` (increasing row numbers), as lists."""
+        ds = self.ds if columns is None else self.ds.select_columns(columns)
+        return ds[int(rows[0]):int(rows[-1]) + 1] if _contiguous(rows) else ds.select(rows)[:]
+
+
+class ParquetRows:
+    """A source made of Parquet files (a Hub dataset, or a local directory), read where its rows are:
+    the files' footers give every row group's row count, so the number of rows is known before any
+    data is read, and a shard reads only the row groups that hold its rows (on the Hub: byte ranges
+    of the files, through HfFileSystem). The files are the ones `datasets` resolves for the split, in
+    its order, so the rows are those `load_dataset` would give, in the same order."""
+
+    TAIL = 2**12  # bytes of a Hub file's end read first: its footer, whole for a few columns and row groups
+
+    def __init__(self, files: list[str], token: str | None) -> None:
+        import numpy as np
+
+        self.files, self.token, self._open, self._meta, self._tail = files, token, {}, {}, self.TAIL
+        self.fs = None
+        if any(f.startswith("hf://") for f in files):
+            from huggingface_hub import HfFileSystem
+
+            self.fs = HfFileSystem(token=token)
+        if self.fs is not None:
+            # every file's size from one listing per folder, then the footers fetched 8 at a time:
+            # opening a dataset of many files costs a few round trips, not two per file in a row
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._sizes = {}
+            for parent in sorted({f.rsplit("/", 1)[0] for f in files}):
+                for entry in self.fs.ls(parent, detail=True):
+                    self._sizes[entry["name"]] = entry["size"]
+            self._metadata(0)  # the first alone: it sizes the read of the others
+            with ThreadPoolExecutor(8) as pool:
+                list(pool.map(self._metadata, range(1, len(files))))
+        counts, self.groups = [], []
+        for f, path in enumerate(files):
+            meta = self._metadata(f)
+            for g in range(meta.num_row_groups):
+                counts.append(meta.row_group(g).num_rows)
+                self.groups.append((f, g))
+        self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.column_names = self._metadata(0).schema.to_arrow_schema().names if files else []
+
+    def _metadata(self, f: int):
+        """The file's footer. On the Hub: its last bytes in one ranged read (pyarrow would read 64 KiB
+        of every file's end, more than a small shard's own rows)."""
+        import io
+
+        import pyarrow.parquet as pq
+
+        if f not in self._meta:
+            path = self.files[f]
+            if not path.startswith("hf://"):
+                self._meta[f] = pq.read_metadata(path)
+            else:
+                size = self._sizes.get(path.replace("hf://", "", 1)) or self.fs.size(path)
+                tail = self.fs.cat_file(path, start=max(0, size - self._tail))
+                n = int.from_bytes(tail[-8:-4], "little") + 8
+                if n > len(tail):
+                    tail = self.fs.cat_file(path, start=size - n)
+                self._tail = max(self._tail, n + n // 4)  # a dataset's files are alike: the next footer in one read
+                self._meta[f] = pq.read_metadata(io.BytesIO(b"PAR1" + tail[-n:]))
+        return self._meta[f]
+
+    def _file(self, f: int):
+        import pyarrow.parquet as pq
+
+        if f not in self._open:
+            path = self.files[f]
+            if path.startswith("hf://"):
+                # no read-ahead: each column chunk of a row group is one ranged read of exactly its bytes
+                handle = self.fs.open(path, "rb", cache_type="none")
+                self._open[f] = pq.ParquetFile(handle, metadata=self._metadata(f))
+            else:
+                self._open[f] = pq.ParquetFile(path, metadata=self._metadata(f))
+        return self._open[f]
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def read(self, rows, columns: list[str] | None) -> dict[str, list]:
+        import numpy as np
+        import pyarrow as pa
+
+        rows = np.asarray(rows, dtype=np.int64)
+        group_of = np.searchsorted(self.starts, rows, side="right") - 1
+        parts = []
+        for g in np.unique(group_of):
+            f, rg = self.groups[int(g)]
+            table = self._file(f).read_row_group(rg, columns=columns)
+            parts.append(table.take(pa.array(rows[group_of == g] - self.starts[g])))
+        table = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+        return table.to_pydict()
+
+
+def parquet_files(spec: str, split: str, token: str | None) -> list[str] | None:
+    """The data files of `spec`'s split as `datasets` resolves them (a Hub dataset or a local
+    directory), when every one is Parquet; None otherwise (and for a single file)."""
+    import datasets
+
+    p = Path(spec).expanduser()
+    if p.is_file() or (not p.is_dir() and spec.startswith(("/", "./", "../", "~"))):
+        return None
+    try:
+        builder = datasets.load_dataset_builder(str(p) if p.is_dir() else spec, token=token)
+        files = (builder.config.data_files or {}).get(split)
+    except Exception:  # noqa: BLE001 - anything unresolvable: load_rows reads it (or explains why not)
+        return None
+    files = [str(f) for f in files or []]
+    return files if files and all(f.endswith(".parquet") for f in files) else None
+
+
+def open_rows(spec: str, var: str, split: str, token: str | None = None):
+    """A source's rows: read where they are when it is Parquet files (ParquetRows), else loaded whole."""
+    files = parquet_files(spec, split, token)
+    if files:
+        try:
+            rows = ParquetRows(files, token)
+        except Exception as e:  # noqa: BLE001 - a damaged or unreadable file is bad input naming it
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BadInput([f"{var}={spec!r}: its Parquet files cannot be read ({type(e).__name__}: {first[:300]}). "
+                            "Fix: check the dataset's files (each must be a complete Parquet file)."]) from None
+        if len(rows) == 0:
+            raise BadInput([f"{var}={spec!r}: the dataset has no rows. Fix: point {var} at data with rows."])
+        return rows
+    return DatasetRows(load_rows(spec, var, split, token))
 
 
 def _contiguous(rows) -> bool:

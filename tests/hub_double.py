@@ -75,6 +75,7 @@ class HubDouble:
         self.lfs: dict[str, bytes] = {}
         self.faults: list[Fault] = []
         self.log: list[tuple[str, str, int]] = []
+        self.bytes_served: dict[str, int] = {}  # file path -> bytes of its content sent (ranges included)
         self.lock = threading.RLock()
         self.server: ThreadingHTTPServer | None = None
 
@@ -118,10 +119,12 @@ class HubDouble:
         with self.lock:
             self.faults.clear()
 
-    def seed(self, repo_id: str, files: dict[str, bytes], title: str = "seed", private: bool = True) -> str:
-        """A repo holding `files` in one commit (what an earlier run published); returns its sha."""
+    def seed(self, repo_id: str, files: dict[str, bytes], title: str = "seed", private: bool = True,
+             kind: str = "model") -> str:
+        """A repo holding `files` in one commit (what an earlier run published, or a dataset with
+        kind="dataset"); returns its sha."""
         with self.lock:
-            repo = self.repos.setdefault(repo_id, Repo("model", private))
+            repo = self.repos.setdefault(repo_id, Repo(kind, private))
             sha = hashlib.sha1(f"{repo_id}{len(repo.commits)}{sorted(files)}".encode()).hexdigest()
             repo.files = dict(files)
             repo.commits.append((sha, dict(files), title))
@@ -259,7 +262,7 @@ class _Handler(BaseHTTPRequestHandler):
             if content.startswith("---") and content.count("---") < 2:
                 return self._send(400, {"errors": [{"message": "unterminated metadata block"}]})
             return self._send(200, {"errors": [], "warnings": []})
-        mm = re.fullmatch(r"/api/(models|spaces)/([^/]+/[^/]+)(/.*)?", path)
+        mm = re.fullmatch(r"/api/(models|spaces|datasets)/([^/]+/[^/]+)(/.*)?", path)
         if mm:
             return self._api(mm.group(1), mm.group(2), mm.group(3) or "", query, body, user, head, drop_after)
         mm = re.fullmatch(r"/([^/]+/[^/]+)\.git/info/lfs/objects/batch", path)
@@ -281,7 +284,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._error(400, "sha256 mismatch")
             d.lfs[mm.group(1)] = body
             return self._send(200, b"")
-        mm = re.fullmatch(r"/(?:spaces/)?([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
+        mm = re.fullmatch(r"/(?:spaces/|datasets/)?([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
         if mm and m in ("GET", "HEAD"):
             return self._resolve(mm.group(1), mm.group(2), mm.group(3), user, head)
         return self._error(404, f"no route for {m} {path}")
@@ -318,6 +321,21 @@ class _Handler(BaseHTTPRequestHandler):
             if not self._can_write(user, repo_id):
                 return self._error(403, "You do not have write access to this repository")
             return self._commit(repo_id, repo, body, drop_after)
+        mm = re.fullmatch(r"/paths-info/([^/]+)", rest)
+        if mm and m == "POST":  # HfFileSystem's info(): each path a file or a directory
+            files = self._files_at(repo, mm.group(1))
+            if files is None:
+                return self._error(404, "Revision not found", "RevisionNotFound")
+            ctype = self.headers.get("Content-Type", "")
+            paths = json.loads(body)["paths"] if "json" in ctype else parse_qs(body.decode()).get("paths", [])
+            out = []
+            for want in paths:
+                want = want.strip("/")
+                if want in files:
+                    out.append({"type": "file", "oid": _sha1(files[want]), "size": len(files[want]), "path": want})
+                elif any(f.startswith(want + "/") for f in files):
+                    out.append({"type": "directory", "oid": "0" * 40, "size": 0, "path": want})
+            return self._send(200, out)
         mm = re.fullmatch(r"/tree/([^/]+)(?:/(.*))?", rest)
         if mm and m == "GET":
             files = self._files_at(repo, mm.group(1))
@@ -435,6 +453,7 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {"X-Repo-Commit": self._sha_at(repo, rev), "ETag": f'"{_sha1(data)}"'}
         if path.endswith(LFS_SUFFIXES):
             headers.update({"X-Linked-Etag": f'"{hashlib.sha256(data).hexdigest()}"', "X-Linked-Size": str(len(data))})
+        headers["Accept-Ranges"] = "bytes"
         if head:
             self.send_response(200)
             for k, v in headers.items():
@@ -443,6 +462,16 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
             self.double.log.append((self.command, self.path, 200))
             return None
+        rng = re.fullmatch(r"bytes=(\d*)-(\d*)", self.headers.get("Range", "") or "")
+        if rng and data:  # a byte range, as the Hub's CDN serves one: 206 with Content-Range
+            a, b = rng.groups()
+            start, end = (len(data) - int(b), len(data) - 1) if not a else (int(a), min(len(data) - 1, int(b) if b else len(data) - 1))
+            if start >= len(data):
+                return self._send(416, b"", {"Content-Range": f"bytes */{len(data)}"})
+            part = data[start:end + 1]
+            self.double.bytes_served[path] = self.double.bytes_served.get(path, 0) + len(part)
+            return self._send(206, part, {**headers, "Content-Range": f"bytes {start}-{end}/{len(data)}"})
+        self.double.bytes_served[path] = self.double.bytes_served.get(path, 0) + len(data)
         return self._send(200, data, headers)
 
 

@@ -4,11 +4,14 @@ and shard k read from the mix."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import py, run
+from conftest import ROOT, py, run
 from config import BadInput, SettingsError, load_settings
 from sources import Corpus, Source, parse_sources
 
@@ -117,3 +120,103 @@ def test_a_shard_of_several_datasets_records_its_mix(env, tmp_path):
     assert [m["path"] for m in mix] == [web, code] and sum(m["rows"] for m in mix) == manifest["rows"] == 200
     assert sum(m["tokens"] for m in mix) == manifest["tokens"]  # each document's tokens and its EOS
     assert all(m["rows"] > 40 for m in mix)
+
+
+def _parquet_files(n_files: int, rows_per_file: int, row_group: int, width: int = 60) -> dict[str, bytes]:
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import random
+
+    rnd, words = random.Random(0), ["lorem", "ipsum", "dolor", "sit", "amet", "tempor", "magna", "aliqua", "enim", "minim"]
+    files = {}
+    for f in range(n_files):
+        texts = [f"file {f} row {i} " + " ".join(rnd.choice(words) + str(rnd.randrange(1000)) for _ in range(width // 9))
+                 for i in range(rows_per_file)]
+        table = pa.table({"text": texts, "n": list(range(rows_per_file))})
+        buf = io.BytesIO()
+        pq.write_table(table, buf, row_group_size=row_group)
+        files[f"data/train-{f:05d}-of-{n_files:05d}.parquet"] = buf.getvalue()
+    return files
+
+
+def test_a_parquet_directory_is_read_where_its_rows_are_and_gives_the_same_rows(tmp_path, monkeypatch):
+    import datasets
+
+    from sources import ParquetRows
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    root = tmp_path / "corpus"
+    for name, data in _parquet_files(5, 700, 200).items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    c = Corpus([Source(str(root))], "INPUT_DATASET", "text", "train", None, seed=0)
+    assert isinstance(c.datasets[0], ParquetRows) and len(c) == 3500  # from the footers alone
+    whole = datasets.load_dataset(str(root), split="train")["text"]
+    for k in (0, 3, 6):  # shards of 500 rows, across row groups and files
+        assert c.texts(k * 500, min(len(c), (k + 1) * 500))[0] == whole[k * 500:(k + 1) * 500]
+
+
+def test_a_hub_dataset_shard_reads_only_its_own_row_groups(tmp_path):
+    """Served the way the Hub serves it (the loopback double, byte ranges): shard k's rows equal
+    load_dataset's, the row count comes from metadata, and the bytes read stay near the shard's."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    from hub_double import HubDouble
+
+    files = _parquet_files(8, 1000, 250, width=400)
+    hub = HubDouble({"hf_reader": {"name": "alice", "role": "read"}}).start()
+    try:
+        hub.seed("alice/corpus", files, kind="dataset", private=True)
+        code = (
+            "import json, sys\n"
+            "import datasets\n"
+            "from sources import Corpus, Source\n"
+            "c = Corpus([Source('alice/corpus')], 'INPUT_DATASET', 'text', 'train', 'hf_reader', seed=0)\n"
+            "k = int(sys.argv[1])\n"
+            "texts, _ = c.texts(k * 250, (k + 1) * 250)\n"
+            "whole = None if sys.argv[2] == 'alone' else datasets.load_dataset('alice/corpus', split='train', token='hf_reader')['text']\n"
+            "print(json.dumps({'n': len(c), 'reader': type(c.datasets[0]).__name__, 'texts': texts,\n"
+            "                  'same': whole is None or whole[k * 250:(k + 1) * 250] == texts}))\n")
+        env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(tmp_path / "hf"),
+               "PYTHONPATH": str(ROOT)}
+        env.pop("HF_HUB_OFFLINE", None)
+        p = subprocess.run([sys.executable, "-c", code, "21", "alone"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        out = json.loads(p.stdout.strip().splitlines()[-1])
+        assert out["reader"] == "ParquetRows" and out["n"] == 8000
+        assert out["texts"][0].startswith("file 5 row 250 ") and len(out["texts"]) == 250
+        meta = pq.ParquetFile(io.BytesIO(files["data/train-00005-of-00008.parquet"])).metadata.row_group(1)
+        own = sum(meta.column(c).total_compressed_size for c in range(meta.num_columns))
+        read = sum(hub.bytes_served.values())
+        assert read <= 2 * own, (read, own, hub.bytes_served, [l for l in hub.log if "parquet" in l[1]])  # the shard's row group, and the footers of the files before it
+        p = subprocess.run([sys.executable, "-c", code, "21", "compare"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert json.loads(p.stdout.strip().splitlines()[-1])["same"] is True
+    finally:
+        hub.stop()
+
+
+def test_prep_on_parquet_files_read_by_row_group_trains_the_same_data(env, tmp_path):
+    """The same corpus as one .jsonl file (loaded whole) and as a directory of Parquet files (read
+    by row group): the same shard, the same data fingerprint, so a resume check holds across both."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [json.loads(line) for line in open(env["INPUT_DATASET"])]
+    root = tmp_path / "parquet"
+    root.mkdir()
+    for i in range(3):
+        part = rows[i * 134:(i + 1) * 134]
+        pq.write_table(pa.table({"text": [r["text"] for r in part]}), root / f"train-{i:05d}-of-00003.parquet", row_group_size=50)
+    prints = []
+    for spec in (env["INPUT_DATASET"], str(root)):
+        e = env | {"INPUT_DATASET": spec, "INIT": "0", "WORK_DIR": str(tmp_path / f"work{len(prints)}")}
+        p = run(py("prep.py"), e, timeout=300)
+        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+        prints.append(json.loads((Path(e["WORK_DIR"]) / "prepared" / "manifest.json").read_text())["data_fingerprint"])
+    assert prints[0] == prints[1]
