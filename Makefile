@@ -42,6 +42,8 @@ test-fast: setup chromium
 bench: setup
 	$(PY) bench/throughput.py --corpus data/pretrain.jsonl
 	$(PY) bench/prep_throughput.py
+	$(PY) bench/streaming.py
+	$(PY) bench/packing.py
 	$(PY) bench/pipeline.py
 	$(PY) bench/quant.py
 	$(PY) bench/memory.py

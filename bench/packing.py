@@ -43,9 +43,10 @@ def runs(target: Path) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", help="keep the runs here (default: a temporary folder, removed)")
+    ap.add_argument("--tiny", action="store_true", help="the embedded data cut short, 3 steps per shard (a check of the flow)")
     args = ap.parse_args(argv)
     root = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench-packing-"))
-    env = pipeline_env(root, tiny=False, cpu=False)
+    env = pipeline_env(root, tiny=args.tiny, cpu=False)
     out = Path(env["OUTPUT_REPO"])
     it = out.parent / (out.name + "-it")
 

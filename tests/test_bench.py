@@ -26,7 +26,22 @@ def test_throughput_bench(env, tmp_path):
 
 def test_prep_bench(env):
     out = _json(run([sys.executable, "bench/prep_throughput.py", "--mb", "2"], env, timeout=300))
-    assert out["mb_per_s"] > 0 and out["raw_mb"] >= 2
+    assert set(out["mb_per_s"]) == {"data/pretrain.jsonl", "python-stdlib-docstrings"}
+    assert all(r["mb_per_s"] > 0 and r["raw_mb"] >= 2 and r["unique_mb"] > 0.5 for r in out["corpora"].values())
+
+
+def test_streaming_bench(env):
+    out = _json(run([sys.executable, "bench/streaming.py", "--files", "52", "--rows", "200", "--shard-size", "200"],
+                    env, timeout=600))
+    assert out["rows_known_before_reading"] is True and out["dataset"]["rows"] == 10_400
+    assert out["first_batch_s_shard0"] > 0 and out["first_batch_s_shard50"] > 0
+    assert 1 <= out["bytes_read_ratio_shard50"] < out["whole_dataset"]["bytes_read_ratio"]
+
+
+def test_packing_bench(env):
+    out = _json(run([sys.executable, "bench/packing.py", "--tiny"], env, timeout=900))
+    assert out["instruct_vs_pretrain"] > 0 and out["packed_vs_padded_speed"] > 0
+    assert out["instruct_packed"]["tokens"] > 0 and out["instruct_padded"]["tokens"] > 0
 
 
 def test_quant_bench(env):
