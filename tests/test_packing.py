@@ -120,3 +120,14 @@ def test_packed_loss_equals_the_chats_loss_alone(impl):
             total += float(model(input_ids=torch.tensor([x]), labels=torch.tensor([y])).loss) * n
             count += n
     assert abs(packed - total / count) < 1e-5
+
+
+def test_batch_size_counts_chats_when_they_are_packed():
+    from config import load_settings
+    from train import sequences_per_batch
+
+    s = load_settings({"BATCH_SIZE": "16"})
+    assert sequences_per_batch(s, {"packed_chats": False, "train_sequences": 100}) == 16
+    assert sequences_per_batch(s, {"packed_chats": True, "train_chats": 3800, "train_sequences": 702}) == 3
+    assert sequences_per_batch(s, {"packed_chats": True, "train_chats": 1000, "train_sequences": 10}) == 1  # never 0
+    assert sequences_per_batch(s, {"packed_chats": True, "train_chats": 50, "train_sequences": 50}) == 16
