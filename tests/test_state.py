@@ -85,3 +85,15 @@ def test_swap_is_atomic_and_recoverable(tmp_path):
     root.rename(tmp_path / "out.old")
     recover_local(root)
     assert json.loads((root / STATE_FILE).read_text())["next"]["init"] == 2
+
+
+def test_a_shard_of_several_datasets_keeps_its_mix_in_the_record(tmp_path):
+    from run_state import Record
+    from util import RunPlan
+
+    mix = [{"path": "web.jsonl", "weight": 0.7, "rows": 7, "documents": 7, "tokens": 700},
+           {"path": "code.jsonl", "weight": 0.3, "rows": 3, "documents": 3, "tokens": 300}]
+    manifest = {"shards_total": 2, "rows": 10, "architecture": {}, "parameters": 5, "sources": mix}
+    r = build_record(settings(tmp_path), RunPlan("pretrain", 0, "t", None), manifest, {"steps": 3, "tokens": 1000}, None)
+    assert r["history"][0]["sources"] == mix
+    assert Record.model_validate(json.loads(json.dumps(r))).history[0].model_extra["sources"] == mix  # the next run reads it
