@@ -8,6 +8,10 @@ source runs out, so the mix holds from the first row to the last. The interleavi
 sources' row numbers, not their rows: sources with different columns mix, and shard k reads only its
 own rows from each source. Same sources, weights and SEED: the same rows in every shard, on every
 machine. One source is read in its own order, as it always was.
+
+A source made of Parquet files (a Hub dataset, a local directory) is read where its rows are: the
+row count from the files' footers, shard k from the row groups that hold it (ParquetRows); any other
+is loaded whole by `datasets` (DatasetRows).
 """
 
 from __future__ import annotations
@@ -83,8 +87,9 @@ def parse_sources(value: str, var: str) -> list[Source]:
 
 
 class Corpus:
-    """The rows of one stage: its sources loaded (prep.load_rows: Hub, directory or file) and, with
-    several, the interleaved order of (source, row) pairs."""
+    """The rows of one stage: its sources opened (open_rows: Parquet files read where their rows are,
+    anything else loaded whole) and, with several, the interleaved order of (source, row) pairs
+    (12 bytes per row of the mix)."""
 
     def __init__(self, sources: list[Source], var: str, text_column: str, split: str, token: str | None, seed: int):
         self.sources, self.var, self.text_column = sources, var, text_column
