@@ -305,7 +305,7 @@ class Settings(BaseSettings):
     lora_dropout: float = _env("LORA_DROPOUT", default=0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
     lora_targets: str = _env("LORA_TARGETS", default=",".join(LORA_TARGETS),
                              description="Comma-separated projections that get adapters (default: every linear projection of attention and MLP).")
-    batch_size: int = _env("BATCH_SIZE", default=16, ge=1, description="Sequences per device per step.")
+    batch_size: int = _env("BATCH_SIZE", default=16, ge=1, description="Sequences per device per step (chats, when the instruct stage packs them: PACK_CHATS).")
     gradient_accumulation_steps: int = _env("GRADIENT_ACCUMULATION_STEPS", default=1, ge=1,
                                             description="Micro-batches per optimizer step.")
     epochs: float = _env("EPOCHS", default=1.0, gt=0, le=1000, description="Passes over each shard.")

@@ -487,6 +487,7 @@ def prepare(s: Settings, plan: RunPlan) -> dict[str, Any]:
             n_docs = len(chats)
             raw_bytes = sum(len(m["content"].encode()) for c in chats for m in c)
             doc_tokens = [(which[i], len(x)) for i, x in zip(kept, ids)]
+            which = [which[i] for i in kept]  # the chats trained (those cut to nothing by MAX_LENGTH are not)
         else:
             docs = tokenize_texts(tok, texts)
             seqs, seq_labels = pack(docs, tok.eos_token_id, s.max_length), None

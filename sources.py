@@ -45,10 +45,21 @@ def _weight(text: str) -> float | None:
         return None
 
 
+def _is_path(text: str) -> bool:
+    try:
+        return Path(text).expanduser().exists()
+    except (OSError, ValueError):  # a name too long to be a path (a JSON list), or one with a NUL
+        return False
+
+
 def parse_sources(value: str, var: str) -> list[Source]:
     """The sources in `value`: `spec`, `spec:w,spec:w,...`, or a JSON list of {path, weight,
     text_column, split} (how CONFIG_FILE passes a list). Bad input names the variable and the fix."""
     text = value.strip()
+    if _is_path(text):  # a path that holds a ',' or ends in ':<number>' is still one path
+        return [Source(text)]
+    if text.startswith("{"):  # one mapping where a list was meant (CONFIG_FILE)
+        text = f"[{text}]"
     fix = (f"Fix: {var}=path or {var}=path_a:0.7,path_b:0.3 (weights > 0), or in CONFIG_FILE a list of "
            "{path, weight, text_column, split}.")
     if text.startswith("["):
@@ -58,8 +69,9 @@ def parse_sources(value: str, var: str) -> list[Source]:
             raise BadInput([f"{var}: the list of datasets does not parse ({e.msg}). {fix}"]) from None
         sources = []
         for i, item in enumerate(items):
-            if isinstance(item, str):
-                item = {"path": item}
+            if isinstance(item, str):  # a plain entry takes a weight as on the command line: path:0.7
+                path, sep, w = item.strip().rpartition(":")
+                item = {"path": path, "weight": w} if sep and path and _weight(w) is not None else {"path": item}
             if not isinstance(item, dict) or not isinstance(item.get("path"), str) or not item["path"].strip():
                 raise BadInput([f"{var}: entry {i} has no 'path'. {fix}"])
             unknown = sorted(set(item) - set(FIELDS))
@@ -244,6 +256,10 @@ class DatasetRows:
 
     def read(self, rows, columns: list[str] | None) -> dict[str, list]:
         """Columns of `rows` (increasing row numbers), as lists."""
+        import numpy as np
+
+        rows = np.asarray(rows, dtype=np.int64)
+        assert rows.size and bool((rows[1:] > rows[:-1]).all()), "rows are read in increasing order"
         ds = self.ds if columns is None else self.ds.select_columns(columns)
         return ds[int(rows[0]):int(rows[-1]) + 1] if _contiguous(rows) else ds.select(rows)[:]
 
@@ -261,6 +277,7 @@ class ParquetRows:
         import numpy as np
 
         self.files, self.token, self._open, self._meta, self._tail = files, token, {}, {}, self.TAIL
+        self._last = None  # ((row group, columns), its table): the row group read last
         self.fs = None
         if any(f.startswith("hf://") for f in files):
             from huggingface_hub import HfFileSystem
@@ -330,12 +347,16 @@ class ParquetRows:
 
         rows = np.asarray(rows, dtype=np.int64)
         group_of = np.searchsorted(self.starts, rows, side="right") - 1
+        assert rows.size and bool((rows[1:] > rows[:-1]).all()), "rows are read in increasing order"
         parts = []
         for g in np.unique(group_of):
-            f, rg = self.groups[int(g)]
-            table = self._file(f).read_row_group(rg, columns=columns)
-            parts.append(table.take(pa.array(rows[group_of == g] - self.starts[g])))
-        table = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+            key = (int(g), tuple(columns) if columns else None)
+            if self._last is None or self._last[0] != key:  # consecutive reads (the tokenizer's sample) share a group
+                f, rg = self.groups[int(g)]
+                self._last = (key, self._file(f).read_row_group(rg, columns=columns))
+            parts.append(self._last[1].take(pa.array(rows[group_of == g] - self.starts[g])))
+        # files written apart may differ in small ways (string vs large_string, a column all null in one)
+        table = pa.concat_tables(parts, promote_options="permissive") if len(parts) > 1 else parts[0]
         return table.to_pydict()
 
 

@@ -610,7 +610,7 @@ def fit(s: Settings, work: Path) -> int:
             log(f"resuming at step {resume['step']} of this shard from the published checkpoint "
                 f"(validation loss before the shard: {before:.4f})")
         else:
-            before = validation_loss(trainer.model, trainer.eval_dataset, trainer.data_collator, s.batch_size, precision)
+            before = validation_loss(trainer.model, trainer.eval_dataset, trainer.data_collator, trainer.args.per_device_eval_batch_size, precision)
             if not math.isfinite(before):
                 raise BadInput([f"{plan['source'] or 'the fresh model'}: validation loss {before} before any training: the "
                                 "model's weights or the run's precision produce non-finite values. Fix: publish a healthy "
@@ -649,7 +649,7 @@ def fit(s: Settings, work: Path) -> int:
     if not budget.stopped:
         model = trainer.accelerator.unwrap_model(trainer.model_wrapped)
         try:
-            after = validation_loss(model, trainer.eval_dataset, trainer.data_collator, s.batch_size, precision)
+            after = validation_loss(model, trainer.eval_dataset, trainer.data_collator, trainer.args.per_device_eval_batch_size, precision)
         except StopRequested:
             # The shard is trained: keep it as a checkpoint at its last step; the next run resumes
             # there, trains nothing more, evaluates and publishes the model.
@@ -727,7 +727,7 @@ def make_evaluator(s: Settings, trainer, tok, work: Path, manifest: dict[str, An
 
     def measure() -> float | None:
         try:
-            loss, stopped = validation_loss(model, trainer.eval_dataset, trainer.data_collator, s.batch_size, precision), 0.0
+            loss, stopped = validation_loss(model, trainer.eval_dataset, trainer.data_collator, trainer.args.per_device_eval_batch_size, precision), 0.0
         except StopRequested:
             loss, stopped = math.nan, 1.0
         if dist.is_available() and dist.is_initialized():
@@ -763,7 +763,7 @@ def best_of_shard(evaluator, budget, trainer, model, last: float, s: Settings, p
         evaluator.record(step, last)
     after = last
     if evaluator.restore_best(step):
-        after = validation_loss(model, trainer.eval_dataset, trainer.data_collator, s.batch_size, precision)
+        after = validation_loss(model, trainer.eval_dataset, trainer.data_collator, trainer.args.per_device_eval_batch_size, precision)
         log(f"the published model is the best evaluation's: step {evaluator.best_step}, validation loss {after:.4f} "
             f"(the last step's: {last:.4f})")
     return after, {**evaluator.summary(), "last_step_eval_loss": last}

@@ -220,3 +220,32 @@ def test_prep_on_parquet_files_read_by_row_group_trains_the_same_data(env, tmp_p
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
         prints.append(json.loads((Path(e["WORK_DIR"]) / "prepared" / "manifest.json").read_text())["data_fingerprint"])
     assert prints[0] == prints[1]
+
+
+def test_lists_from_config_file_take_weights_like_the_variable_and_a_path_is_one_source(tmp_path):
+    assert parse_sources(json.dumps(["org/web:0.7", "org/code:0.3"]), "X") == [Source("org/web", 0.7), Source("org/code", 0.3)]
+    assert parse_sources(json.dumps({"path": "org/web", "weight": 2}), "X") == [Source("org/web", 2.0)]  # one mapping
+    odd = tmp_path / "a,b:2.jsonl"
+    odd.write_text('{"text": "x"}\n')
+    assert parse_sources(str(odd), "X") == [Source(str(odd))]
+    assert parse_sources(json.dumps([{"path": "p" * 300}] * 2), "X") == [Source("p" * 300)] * 2
+
+
+def test_a_shard_across_parquet_files_of_slightly_different_types(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    root = tmp_path / "mixed"
+    root.mkdir()
+    pq.write_table(pa.table({"text": pa.array(["a", "b", "c"], pa.string()), "note": pa.array([None] * 3, pa.null())}),
+                   root / "train-00000-of-00002.parquet")
+    pq.write_table(pa.table({"text": pa.array(["d", "e"], pa.large_string()), "note": pa.array(["x", "y"], pa.string())}),
+                   root / "train-00001-of-00002.parquet")
+    from sources import ParquetRows
+
+    c = Corpus([Source(str(root))], "INPUT_DATASET", "text", "train", None, seed=0)
+    assert isinstance(c.datasets[0], ParquetRows)
+    assert c.texts(1, 5) == (["b", "c", "d", "e"], [0, 0, 0, 0])
+    rows, _ = c.records(2, 4)
+    assert rows == [{"text": "c", "note": None}, {"text": "d", "note": "x"}]
