@@ -105,9 +105,12 @@ class Corpus:
 
     def __init__(self, sources: list[Source], var: str, text_column: str, split: str, token: str | None, seed: int):
         self.sources, self.var, self.text_column = sources, var, text_column
-        self.datasets = [open_rows(src.path, var if len(sources) == 1 else f"{var} ({src.path})",
-                                   src.split or split, token) for src in sources]
+        self.datasets = [open_rows(src.path, self._name(i), src.split or split, token) for i, src in enumerate(sources)]
         self.order = None if len(sources) == 1 else self._interleave(seed)
+
+    def _name(self, i: int) -> str:
+        """Source i in a message: the variable, and with several sources which one."""
+        return self.var if len(self.sources) == 1 else f"{self.var} ({self.sources[i].path})"
 
     def _interleave(self, seed: int):
         import numpy as np
@@ -151,21 +154,27 @@ class Corpus:
             if len(at):
                 yield i, row[at], at
 
-    def column(self, start: int, end: int) -> tuple[list, list[int]]:
-        """The text column of rows [start, end) (each source's own column), and each row's source."""
-        values: list = [None] * (end - start)
+    def _gather(self, start: int, end: int, read) -> tuple[list, list[int]]:
+        """`read(i, rows)` (source i's values of its `rows`) placed at their positions in [start, end),
+        and each position's source."""
+        out: list = [None] * (end - start)
         which = [0] * (end - start)
         for i, rows, at in self._pieces(start, end):
-            ds, column = self.datasets[i], self.sources[i].text_column or self.text_column
-            where = self.var if self.order is None else f"{self.var} ({self.sources[i].path})"
-            if column not in ds.column_names:
-                raise BadInput([f"{where}: no column {column!r} (columns: {', '.join(ds.column_names)}). "
-                                "Fix: set TEXT_COLUMN (or the source's text_column) to the column holding the text."])
-            got = ds.read(rows, [column])[column]
-            for pos, v in zip(at.tolist(), got):
-                values[pos] = v
+            for pos, v in zip(at.tolist(), read(i, rows)):
+                out[pos] = v
                 which[pos] = i
-        return values, which
+        return out, which
+
+    def column(self, start: int, end: int) -> tuple[list, list[int]]:
+        """The text column of rows [start, end) (each source's own column), and each row's source."""
+        def read(i: int, rows) -> list:
+            ds, column = self.datasets[i], self.sources[i].text_column or self.text_column
+            if column not in ds.column_names:
+                raise BadInput([f"{self._name(i)}: no column {column!r} (columns: {', '.join(ds.column_names)}). "
+                                "Fix: set TEXT_COLUMN (or the source's text_column) to the column holding the text."])
+            return ds.read(rows, [column])[column]
+
+        return self._gather(start, end, read)
 
     def texts(self, start: int, end: int) -> tuple[list[str], list[int]]:
         """The non-empty texts of rows [start, end), and each one's source; a value that is not text
@@ -181,15 +190,11 @@ class Corpus:
 
     def records(self, start: int, end: int) -> tuple[list[dict[str, Any]], list[int]]:
         """Rows [start, end) as dicts (chats), and each row's source."""
-        out: list = [None] * (end - start)
-        which = [0] * (end - start)
-        for i, rows, at in self._pieces(start, end):
+        def read(i: int, rows) -> list[dict[str, Any]]:
             cols = self.datasets[i].read(rows, None)
-            part = [dict(zip(cols, values)) for values in zip(*cols.values())]
-            for pos, row in zip(at.tolist(), part):
-                out[pos] = row
-                which[pos] = i
-        return out, which
+            return [dict(zip(cols, values)) for values in zip(*cols.values())]
+
+        return self._gather(start, end, read)
 
     def sample_texts(self, cap_bytes: int) -> list[str]:
         """The first texts of the corpus, in its order, up to `cap_bytes` (the tokenizer's sample)."""
