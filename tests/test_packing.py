@@ -63,22 +63,29 @@ def test_collator_pads_rows_as_sequences_of_their_own():
     assert batch["position_ids"].tolist() == [[0, 1, 0, 1], [0, 1, 0, 1]]
 
 
-@pytest.mark.parametrize("impl", ["transformers", "ours"])
-def test_no_token_attends_across_a_chat_boundary(impl):
-    """Each chat's logits inside a pack equal its logits alone (fp32, 1e-5), with padding rows too.
-    No cache, as in training and validation: with one, transformers reads no boundaries from positions."""
+def _packed(impl: str, shape: dict, chats: int, seed: int, longest: int, block: int):
+    """A seeded random Llama of `shape` (our class or transformers'), `chats` random chats, their
+    packs and the collated batch: (model, ids, labels, packed ids, batch)."""
     from transformers import LlamaConfig
 
     from architecture import llama_class
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=128)
-    model = llama_class(impl)(cfg).eval()
-    ids, labels = _chats(12, seed=1, longest=30)
-    p_ids, p_labels, p_pos = pack_chats(ids, labels, 64, seed=0)
+    model = llama_class(impl)(LlamaConfig(vocab_size=97, max_position_embeddings=128, **shape)).eval()
+    ids, labels = _chats(chats, seed=seed, longest=longest)
+    p_ids, p_labels, p_pos = pack_chats(ids, labels, block, seed=0)
     batch = PackedCollator(0)([{"input_ids": x.tolist(), "labels": y.tolist(), "position_ids": p.tolist()}
                                for x, y, p in zip(p_ids, p_labels, p_pos)])
+    return model, ids, labels, p_ids, batch
+
+
+@pytest.mark.parametrize("impl", ["transformers", "ours"])
+def test_no_token_attends_across_a_chat_boundary(impl):
+    """Each chat's logits inside a pack equal its logits alone (fp32, 1e-5), with padding rows too.
+    No cache, as in training and validation: with one, transformers reads no boundaries from positions."""
+    model, ids, labels, p_ids, batch = _packed(impl, dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                          num_attention_heads=4, num_key_value_heads=2),
+                                               chats=12, seed=1, longest=30, block=64)
     with torch.no_grad():
         packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
         worst, seen = 0.0, 0
@@ -100,18 +107,9 @@ def test_no_token_attends_across_a_chat_boundary(impl):
 @pytest.mark.parametrize("impl", ["transformers", "ours"])
 def test_packed_loss_equals_the_chats_loss_alone(impl):
     """The loss of a packed batch is the loss of its chats one by one (same label tokens, same mean)."""
-    from transformers import LlamaConfig
-
-    from architecture import llama_class
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=1)
-    model = llama_class(impl)(cfg).eval()
-    ids, labels = _chats(10, seed=2, longest=20)
-    p_ids, p_labels, p_pos = pack_chats(ids, labels, 48, seed=0)
-    batch = PackedCollator(0)([{"input_ids": x.tolist(), "labels": y.tolist(), "position_ids": p.tolist()}
-                               for x, y, p in zip(p_ids, p_labels, p_pos)])
+    model, ids, labels, _, batch = _packed(impl, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                      num_attention_heads=2, num_key_value_heads=1),
+                                           chats=10, seed=2, longest=20, block=48)
     with torch.no_grad():
         packed = float(model(**batch, use_cache=False).loss)
         total = count = 0
