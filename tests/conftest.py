@@ -16,6 +16,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT / "bench"))  # after the project: bench/ has its own convert.py, model.py, status_page.py
+
+from clean_env import free_port, head_jsonl  # noqa: E402,F401 - the benchmarks' helpers, shared by the tests
 
 # Settings variables a developer may have exported; tests start from none of them.
 SETTINGS_VARS = {"INIT", "INST", "USE_QUANT", "PACK_CHATS", "BATCH_SIZE", "GRADIENT_ACCUMULATION_STEPS", "EPOCHS", "LEARNING_RATE",
@@ -31,24 +34,9 @@ SETTINGS_VARS = {"INIT", "INST", "USE_QUANT", "PACK_CHATS", "BATCH_SIZE", "GRADI
                  "TRACKIO_SERVER_URL"}
 
 
-def head_jsonl(src: Path, dst: Path, n: int) -> Path:
-    with src.open() as f, dst.open("w") as g:
-        for _, line in zip(range(n), f):
-            g.write(line)
-    return dst
-
-
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, str]:
     return make_env(tmp_path)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def make_env(tmp_path: Path) -> dict[str, str]:
