@@ -7,7 +7,9 @@ without importing torch and transformers (~5 s); the network these shapes descri
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 # Named model sizes (MODEL_SIZE). Explicit shapes, by hidden size d, layers, heads and KV heads
@@ -118,6 +120,21 @@ def rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
     """The full RoPE parameters of a config.json (transformers 5 keeps them in `rope_parameters`;
     earlier configs had a top-level `rope_theta`, default 10 000)."""
     return config.get("rope_parameters") or {"rope_type": "default", "rope_theta": float(config.get("rope_theta", 10000.0))}
+
+
+def llama_config(var: str, spec: str, src: Path) -> dict[str, Any]:
+    """The config.json in `src` (what setting `var` = `spec` names), which must describe a Llama."""
+    from config import BadInput
+
+    try:
+        cfg = json.loads((src / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise BadInput([f"{var}={spec!r}: no readable config.json ({type(e).__name__}). "
+                        "Fix: a saved Hugging Face Llama (a local directory or a Hub repo id)."]) from None
+    if not isinstance(cfg, dict) or cfg.get("model_type") != "llama":
+        raise BadInput([f"{var}={spec!r}: model_type {cfg.get('model_type') if isinstance(cfg, dict) else None!r}, "
+                        "not 'llama'. Fix: a Llama-architecture model."])
+    return cfg
 
 
 def arch_from_config(config: dict[str, Any]) -> dict[str, Any]:

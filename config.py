@@ -156,15 +156,6 @@ def parse_duration_s(text: str) -> int:
     return sum(int(n) * unit[u] for n, u in parts)
 
 
-def is_local_target(repo: str) -> bool:
-    """A local directory (absolute, ./, ../, ~ or file:) rather than a Hub repo id 'owner/name'."""
-    return repo.startswith(("/", "./", "../", "~", "file:")) or repo in {".", ".."}
-
-
-def local_path(repo: str) -> Path:
-    return Path(repo.removeprefix("file:")).expanduser().resolve()
-
-
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}")
 
 
@@ -464,9 +455,11 @@ def _cross_checks(s: Settings) -> list[str]:
     if s.base_model is not None and sizes:
         problems.append(f"BASE_MODEL={s.base_model!r} and {' and '.join(sizes)} are both set: the base model's config.json "
                         f"gives the shape. Fix: unset {' and '.join(sizes)}.")
-    for var, spec in (("BASE_MODEL", s.base_model), ("TOKENIZER", s.tokenizer)):
-        if spec is not None and not is_local_target(spec) and not HUB_ID.fullmatch(spec):
-            problems.append(f"{var}={spec!r}: neither a local path (./dir, /dir, ~/dir) nor a Hub repo id (owner/name).")
+    from targets import open_target, spec_problem
+
+    for var, spec in (("BASE_MODEL", s.base_model), ("TOKENIZER", s.tokenizer), ("INPUT_REPO", s.input_repo)):
+        if spec is not None and spec_problem(var, spec):
+            problems.append(spec_problem(var, spec))
     from sources import parse_sources
 
     for var, spec in (("INPUT_DATASET", s.input_dataset), ("INSTRUCT_DATASET", s.instruct_dataset)):
@@ -478,14 +471,14 @@ def _cross_checks(s: Settings) -> list[str]:
         problems.append("COMPILE=true compiles our model's blocks, but MODEL_IMPL is 'transformers'. Fix: MODEL_IMPL=ours, or COMPILE=false.")
     if s.factor is not None and s.factor % 64:
         problems.append(f"FACTOR={s.factor!r}: the hidden size must be a multiple of 64. Fix: e.g. FACTOR={max(64, s.factor // 64 * 64)}.")
-    if not is_local_target(s.output_repo):
-        if not HUB_ID.fullmatch(s.output_repo):
-            problems.append(f"OUTPUT_REPO={s.output_repo!r}: neither a local path (./dir, /dir, ~/dir) nor a Hub repo id (owner/name). "
-                            "Fix: e.g. OUTPUT_REPO=./output/llama or OUTPUT_REPO=you/my-llama.")
-        elif s.hf_token is None or not s.hf_token.get_secret_value():
+    output = open_target(s.output_repo)
+    if spec_problem("OUTPUT_REPO", s.output_repo):
+        problems.append(f"{spec_problem('OUTPUT_REPO', s.output_repo)} Fix: e.g. OUTPUT_REPO=./output/llama or OUTPUT_REPO=you/my-llama.")
+    elif output.needs_token:
+        if s.hf_token is None or not s.hf_token.get_secret_value():
             problems.append(f"OUTPUT_REPO={s.output_repo!r} is a Hub repo but HF_TOKEN is not set. "
                             "Fix: set the secret HF_TOKEN to a token with write access, or use a local OUTPUT_REPO.")
-    if s.space_id and is_local_target(s.output_repo):
+    if s.space_id and not output.survives_restart:
         problems.append(f"OUTPUT_REPO={s.output_repo!r} is a local directory, but this runs in a Space (SPACE_ID="
                         f"{s.space_id!r}), whose disk is wiped at every restart: the next run would find nothing. Fix: set "
                         "the variable OUTPUT_REPO to a Hub model repo id, e.g. OUTPUT_REPO=your-name/my-llama (created "
@@ -493,8 +486,6 @@ def _cross_checks(s: Settings) -> list[str]:
     if s.space_id and (s.hf_token is None or not s.hf_token.get_secret_value()):
         problems.append(f"SPACE_ID={s.space_id!r}: running in a Space, which needs HF_TOKEN to write INIT/INST back to its "
                         "variables and to pause it when done. Fix: add the secret HF_TOKEN (write access) in the Space settings.")
-    if s.input_repo is not None and not is_local_target(s.input_repo) and not HUB_ID.fullmatch(s.input_repo):
-        problems.append(f"INPUT_REPO={s.input_repo!r}: neither a local path nor a Hub repo id (owner/name).")
     unknown = [t for t in s.lora_targets.split(",") if t.strip() not in LORA_TARGETS]
     if unknown or not s.lora_targets.strip():
         problems.append(f"LORA_TARGETS={s.lora_targets!r}: unknown projection(s) {', '.join(map(repr, unknown)) or '(none given)'}. "

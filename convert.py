@@ -827,25 +827,25 @@ def convert(args) -> dict[str, Any]:
 
 
 class Pusher:
-    """--push: the pipeline's publish path (util._deliver). A Hub repo's write access is checked
+    """--push: the pipeline's publish path (targets.Target.deliver). A Hub repo's write access is checked
     before anything is converted; the publish is one commit adding or replacing the converted files
     and leaving the repo's other files; a local directory gets them swapped in the same way."""
 
     def __init__(self, target: str) -> None:
-        from config import SettingsError, is_local_target, load_settings
+        from config import SettingsError, load_settings
+        from targets import open_target
 
         try:
             self.s = load_settings({**os.environ, "OUTPUT_REPO": target})
         except SettingsError as e:
             raise BadInput(f"--push {target}: {e}") from e
-        self.target = target
-        self.local = is_local_target(target)
-        if not self.local:
-            from util import hub
+        self.target = open_target(target, self.s)
+        if self.target.needs_token and not self.s.hf_token:
+            raise BadInput(f"--push {target}: no HF_TOKEN. Fix: export HF_TOKEN (a token with write access)")
+        if self.target.needs_token:  # a local directory's write access shows when it is written
+            from targets import access_problems
 
-            if not self.s.hf_token:
-                raise BadInput(f"--push {target}: no HF_TOKEN. Fix: export HF_TOKEN (a token with write access)")
-            problems = hub(self.s).check_access([target])
+            problems = access_problems([self.target], self.s)
             if problems:
                 raise BadInput("; ".join(problems))
 
@@ -853,19 +853,17 @@ class Pusher:
         import tempfile
         import uuid
 
-        from util import _deliver, hub
-
         files = [output] if output.is_file() else sorted(output.iterdir())
-        revision = None if self.local else hub(self.s).head(self.target)
+        revision = self.target.head()
 
         def fill(staged: Path) -> None:
             for f in files:
                 (shutil.copytree if f.is_dir() else shutil.copy2)(f, staged / f.name)
 
         with tempfile.TemporaryDirectory(prefix="convert-push-") as work:
-            _deliver(self.s, self.target, Path(work), fill, f"convert.py {kind}: {output.name}", uuid.uuid4().hex,
-                     revision, only=[f.name + ("/" if f.is_dir() else "") for f in files])
-        return self.target
+            self.target.deliver(Path(work), fill, f"convert.py {kind}: {output.name}", uuid.uuid4().hex,
+                                revision, only=[f.name + ("/" if f.is_dir() else "") for f in files])
+        return self.target.spec
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from config import is_local_target, local_path
+from targets import open_target
 
 
 def _steps(h: dict[str, Any]) -> str:
@@ -27,7 +27,7 @@ def render_card(record: dict[str, Any], target: str) -> str:
     arch = record["architecture"]
     last = record["history"][-1]
     chat = last["stage"] == "instruct"
-    where = str(local_path(target)) if is_local_target(target) else target
+    where = open_target(target).load_id
     rows = "\n".join(
         f"| {h['stage']} | {h['shard'] + 1}/{h['shards_total']} | {h.get('rows', '')} | {_steps(h)} | "
         f"{h.get('tokens', 0):,} | {h.get('eval_loss_before', float('nan')):.3f} | {h.get('eval_loss', float('nan')):.3f} | "

@@ -9,11 +9,11 @@ releases a flock when the last process holding it ends, kill -9 and crashes incl
 never stale: a lock that is held has a live holder. The file itself only tells who that is (pid,
 host, start time, command), for the message a second run prints. A Hub OUTPUT_REPO has one more
 guard that needs no lock: every publish is a commit on top of the commit the run started from, so a
-concurrent publish from another machine fails instead of overwriting (util.Hub.publish).
+concurrent publish from another machine fails instead of overwriting (hub.Hub.publish).
 
 trainer.sh opens the files, has `take` lock them on its open descriptors, and keeps them for the
 whole pipeline (its child processes inherit them); it exports TRAIN_LLAMA_LOCKED=1 so the stages
-do not lock again. A stage run on its own (`python3 util.py publish`) takes the locks itself.
+do not lock again. A stage run on its own (`python3 publish.py publish`) takes the locks itself.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from config import BadInput, RunFailure, Settings, failure_exit, is_local_target, load_settings, local_path, report
+from config import BadInput, RunFailure, Settings, failure_exit, load_settings, report
 
 INHERITED = "TRAIN_LLAMA_LOCKED"  # set by trainer.sh: it holds the locks for this process tree
 
@@ -40,7 +40,10 @@ class OutputBusy(RunFailure):
 
 def lock_files(s: Settings) -> list[Path]:
     """Beside the directories they guard (taking a lock creates nothing inside them)."""
-    dirs = [Path(s.work_dir).resolve()] + ([local_path(s.output_repo)] if is_local_target(s.output_repo) else [])
+    from targets import open_target
+
+    output = open_target(s.output_repo).local_dir
+    dirs = [Path(s.work_dir).resolve()] + ([output] if output is not None else [])
     return [d.with_name(d.name + ".lock") for d in dirs]
 
 

@@ -25,8 +25,11 @@ from typing import Any, Callable
 
 import redact
 from architecture import count_parameters
-from config import EXIT_BAD_INPUT, BadInput, Settings, architecture, cpu_has_bf16, is_local_target, load_settings, local_path
-from util import HubError, RunPlan, fetch, hub, llama_config, plan_run
+from config import EXIT_BAD_INPUT, BadInput, Settings, architecture, cpu_has_bf16, load_settings
+from architecture import llama_config
+from hub import HubError
+from run_state import RunPlan, instruct_target, plan_run
+from targets import access_problems, fetch, open_target, writable_problems
 
 
 @dataclass
@@ -57,10 +60,11 @@ def check_plan(s: Settings, plan: RunPlan) -> Check:
     output, the checkpoint it resumes from (a Hub checkpoint is checked by prep, once downloaded)."""
     from run_state import validate_checkpoint
 
-    if plan.resume and is_local_target(plan.target):
-        validate_checkpoint(local_path(plan.target) / "last-checkpoint", int(plan.resume["step"]),
+    target = open_target(plan.target, s)
+    if plan.resume and target.local_dir is not None:
+        validate_checkpoint(target.materialize(Path(s.work_dir)) / "last-checkpoint", int(plan.resume["step"]),
                             f"{plan.target}/last-checkpoint")
-    return Check("run state", True, plan.describe(), data={"plan": asdict(plan)})
+    return Check("run state", True, plan.describe(), data={"plan": plan.to_json()})
 
 
 def check_data(s: Settings, plan: RunPlan) -> Check:
@@ -100,27 +104,15 @@ def check_output(s: Settings) -> Check:
         return Check("output", False, "in use by another run",
                      [f"{s.output_repo} / WORK_DIR {s.work_dir} are held by {holder}. One run writes an output at a time: "
                       "wait for it to finish or stop it, or give this run its own OUTPUT_REPO and WORK_DIR."])
-    problems = []
-    targets = [s.work_dir] + ([s.output_repo, f"{s.output_repo}-it"] if is_local_target(s.output_repo) else [])
-    for target in targets:
-        p = local_path(target) if target != s.work_dir else Path(target).resolve()
-        parent = next(q for q in [p, *p.parents] if q.exists())
-        if not os.access(parent, os.W_OK):
-            owner = parent.stat().st_uid
-            problems.append(f"{p}: not writable by uid {os.getuid()} (the nearest existing directory, {parent}, belongs to "
-                            f"uid {owner}). Fix: make it writable for this user (on a Docker host: sudo chown -R "
-                            f"{os.getuid()}:{os.getgid()} on the host folder mounted there, or create that folder before "
-                            "`docker run` so Docker does not create it as root), or run the container as the folder's owner "
-                            "(docker run --user $(id -u):$(id -g)), or choose a writable OUTPUT_REPO / WORK_DIR.")
-    if not is_local_target(s.output_repo) or s.space_id:
-        repos = [] if is_local_target(s.output_repo) else [s.output_repo, f"{s.output_repo}-it"]
-        problems += hub(s).check_access(repos)
+    outputs = [open_target(s.output_repo, s), open_target(instruct_target(s), s)]
+    problems = writable_problems(Path(s.work_dir).resolve()) + access_problems(outputs, s)
     if problems:
         return Check("output", False, "cannot publish there", problems)
-    if is_local_target(s.output_repo):
-        where = f"{local_path(s.output_repo)} (instruct: {local_path(s.output_repo)}-it)"
+    out, out_it = outputs
+    if out.local_dir is not None:
+        where = f"{out.where} (instruct: {out_it.where})"
     else:
-        where = f"Hub repos {s.output_repo} and {s.output_repo}-it ({'private' if s.private else 'public'} when created)"
+        where = f"Hub repos {out.spec} and {out_it.spec} ({'private' if s.private else 'public'} when created)"
     return Check("output", True, f"writable: {where}" + (f"; Space {s.space_id} variables writable" if s.space_id else ""))
 
 
@@ -189,14 +181,15 @@ def check_start(s: Settings, plan: RunPlan) -> Check:
     if s.base_model:
         src = fetch("BASE_MODEL", s.base_model, s, ["config.json", "model.safetensors.index.json"])
         cfg = llama_config("BASE_MODEL", s.base_model, src)
-        if is_local_target(s.base_model) and not ((src / "model.safetensors").exists() or (src / "model.safetensors.index.json").exists()):
+        local = open_target(s.base_model, s).local_dir is not None  # a Hub repo's weights are checked when downloaded
+        if local and not ((src / "model.safetensors").exists() or (src / "model.safetensors.index.json").exists()):
             raise BadInput([f"BASE_MODEL={s.base_model!r}: no model.safetensors (or its index). Fix: save the model with "
                             "safetensors (save_pretrained does by default)."])
         data["architecture"] = arch = arch_from_config(cfg)
         found.append(f"BASE_MODEL {s.base_model}: a Llama of {count_parameters(arch):,} parameters "
                      f"(d={arch['hidden_size']}, {arch['num_hidden_layers']} layers, vocabulary {arch['vocab_size']})")
     tok_var, tok_spec = ("TOKENIZER", s.tokenizer) if s.tokenizer else ("BASE_MODEL", s.base_model)
-    if tok_spec and is_local_target(tok_spec):
+    if tok_spec and open_target(tok_spec, s).local_dir is not None:
         if not any((fetch(tok_var, tok_spec, s, []) / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
             raise BadInput([f"{tok_var}={tok_spec!r}: no tokenizer there (tokenizer.json, tokenizer.model or vocab.json). "
                             "Fix: save the tokenizer beside it (tokenizer.save_pretrained), or set TOKENIZER."])
@@ -276,8 +269,9 @@ def check_disk(s: Settings, plan: RunPlan, rows: int | None = None, arch: dict[s
     need = disk_needed(s, plan, rows, arch)
     total = sum(need.values())
     dirs = {Path(s.work_dir).resolve(), Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")).resolve()}
-    if is_local_target(s.output_repo):
-        dirs.add(local_path(s.output_repo))
+    out = open_target(s.output_repo, s).local_dir
+    if out is not None:
+        dirs.add(out)
     frees = {}
     for d in dirs:
         existing = next(q for q in [d, *d.parents] if q.exists())

@@ -2,7 +2,7 @@
 
     python3 prep.py
 
-Plans the run from the record (util.plan_run), then: the tokenizer (trained on the first run, else
+Plans the run from the record (run_state.plan_run), then: the tokenizer (trained on the first run, else
 the published one), the current shard read and validated, tokenized and packed (pretraining) or
 rendered with the chat template with loss on assistant tokens only and packed whole into sequences
 (instruct), a held-out validation split, and the model (fresh weights, or the previous run's output). Everything goes to
@@ -26,14 +26,14 @@ from typing import Any, Iterable
 
 import redact
 import status_page
-from architecture import arch_from_config, count_parameters
-from config import (BadInput, failure_exit, quiet_disk_full_in_threads, RunFailure, Settings, architecture, is_local_target, load_settings, local_path,
+from architecture import arch_from_config, count_parameters, llama_config
+from config import (BadInput, failure_exit, quiet_disk_full_in_threads, RunFailure, Settings, architecture, load_settings,
                     report, resolve_precision)
 from quant_utils import convert, non_finite_tensors, verify_checkpoint
 from output_lock import acquire
-from run_state import validate_checkpoint
+from run_state import RunPlan, instruct_target, plan_run, validate_checkpoint
 from sources import Corpus, parse_sources
-from util import RunPlan, fetch, hub, link_or_copy, llama_config, materialize, plan_run, read_record
+from targets import fetch, link_or_copy, open_target
 
 BOS, EOS, PAD, UNK = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>", "<|unk|>"
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
@@ -374,10 +374,7 @@ def data_fingerprint(seqs: list[list[int]]) -> str:
 def fetch_checkpoint(s: Settings, plan: RunPlan) -> Path:
     """The published last-checkpoint/ of the plan's target, local (the directory itself, or
     downloaded from the Hub), checked complete and readable (run_state.validate_checkpoint)."""
-    if is_local_target(plan.target):
-        src = local_path(plan.target) / "last-checkpoint"
-    else:
-        src = hub(s).download(plan.target, Path(s.work_dir) / "hub", allow=["last-checkpoint/*"]) / "last-checkpoint"
+    src = open_target(plan.target, s).materialize(Path(s.work_dir), allow=["last-checkpoint/*"]) / "last-checkpoint"
     validate_checkpoint(src, int(plan.resume["step"]), f"{plan.target}/last-checkpoint")
     return src
 
@@ -425,7 +422,8 @@ def prepare(s: Settings, plan: RunPlan) -> dict[str, Any]:
     t0 = time.perf_counter()
     # The checkpoint this run continues from is checked first (headers only): a broken one stops the
     # run before any data is read.
-    source_dir = materialize(plan.source, s) if plan.source is not None else None
+    source_dir = (open_target(plan.source, s).materialize(work, ignore=["last-checkpoint/*", "runs/*"])
+                  if plan.source is not None else None)
     source_format = check_source_model(plan.source, source_dir) if source_dir is not None else None
     checkpoint_src = fetch_checkpoint(s, plan) if plan.resume else None
     train_format = plan.train_format(s.use_quant)
@@ -582,12 +580,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         s = load_settings()
         acquire(s)
+        for output in (s.output_repo, instruct_target(s)):  # a publish killed between its renames is finished first
+            open_target(output, s).recover()
         plan = plan_run(s)
         if plan.done:
             log(plan.describe())
             return 0
         log(f"this run: {plan.describe()}")
-        published = read_record(plan.target, s) or (read_record(s.output_repo, s) if plan.inst else None)
+        published = open_target(plan.target, s).read_record() or (open_target(s.output_repo, s).read_record() if plan.inst else None)
         status_page.emit("history", history=(published or {}).get("history", []))
         prepare(s, plan)
         return 0

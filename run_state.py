@@ -1,5 +1,12 @@
-"""The schema of the run state: the published record (training_state.json) and the full-state
-checkpoint (last-checkpoint/) it points to, checked before any work.
+"""The run state: the published record (training_state.json), the full-state checkpoint
+(last-checkpoint/) it points to, and the plan of the next run decided from them.
+
+The record of truth is ``training_state.json`` inside the published output (OUTPUT_REPO for
+pretraining, OUTPUT_REPO-it for instruction tuning). A run advances the state only by publishing a
+new record together with its model, in one atomic step: a run that fails or is killed leaves the
+previous output and record untouched. Reading the state changes nothing.
+
+The record and checkpoint are checked before any work.
 
 Every defect is bad input (exit 2) that names the file, what is wrong and how to fix it: a field of
 the wrong type, a record written by a newer train-llama (refused, never rewritten), a checkpoint
@@ -11,13 +18,15 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import zipfile
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from config import BadInput
+from config import BadInput, Settings
 
 STATE_FILE = "training_state.json"
 RECORD_FORMAT = 1  # the newest record format this version reads and writes
@@ -192,3 +201,154 @@ def validate_checkpoint(ckpt: Path, step: int, where: str) -> None:
             problems.append(e.problems[0].split(": ", 1)[-1].split(". Fix")[0])
     if problems:
         raise BadInput([f"{where}: the checkpoint to resume from is damaged: {'; '.join(problems)}. {CHECKPOINT_FIX}"])
+
+
+# --- the plan --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What one run does: train `shard` of `stage`, starting from `source` (None = fresh weights)."""
+
+    stage: str  # "pretrain" | "instruct"
+    shard: int
+    target: str  # where this run publishes
+    source: str | None  # published model this run continues from
+    done: bool = False
+    resume: dict[str, Any] | None = None  # the target's last-checkpoint/ to resume this shard from
+    # The publish_id of the target's record this plan was made from ("" when there was none): a
+    # publish is refused when the target no longer holds that record (another run published since).
+    base: str = ""
+
+    @property
+    def inst(self) -> bool:
+        return self.stage == "instruct"
+
+    def train_format(self, use_quant: bool) -> str:
+        """'nf4' (LoRA on a frozen NF4 base) or 'float'. USE_QUANT applies from the second run: the
+        run that creates the model has random weights, which frozen in 4-bit would teach nothing."""
+        return "nf4" if use_quant and self.source is not None else "float"
+
+    def describe(self) -> str:
+        if self.done:
+            return (f"the pipeline is done: every pretraining and instruct shard is trained and published; "
+                    f"the chat model is in {self.target}")
+        start = "fresh weights and a new tokenizer" if self.source is None else self.source
+        if self.resume:
+            return (f"{self.stage} shard {self.shard}, resuming at step {self.resume['step']} of {self.resume['max_steps']} "
+                    f"from {self.target}/last-checkpoint -> {self.target}")
+        return f"{self.stage} shard {self.shard} from {start} -> {self.target}"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "RunPlan":
+        """The plan a stage handed on (prep's manifest); a missing or unknown field is an error here,
+        not a wrong run later."""
+        names = {f.name for f in fields(cls)}
+        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+        unknown, missing = sorted(set(data) - names), sorted(required - set(data))
+        if unknown or missing:
+            raise ValueError(f"the run plan handed on is not this version's: unknown {unknown}, missing {missing}. "
+                             "Fix: run prep.py again (the pipeline's stages must come from one version).")
+        return cls(**data)
+
+
+def instruct_target(s: Settings) -> str:
+    return f"{s.output_repo}-it"
+
+
+def next_after(stage: str, shard: int, shards_total: int) -> dict[str, Any] | None:
+    """The state after finishing `shard` of `stage`: next shard, the instruct stage, or None (done)."""
+    if shard + 1 < shards_total:
+        return {"inst": stage == "instruct", "init": shard + 1}
+    if stage == "pretrain":
+        return {"inst": True, "init": 0}
+    return None
+
+
+def _position(inst: bool, init: int) -> tuple[int, int]:
+    return (1 if inst else 0, init)
+
+
+def plan_run(s: Settings) -> RunPlan:
+    """Decide this run from the published record; an explicit INIT/INST in the settings overrides it,
+    except in a Space when the record is ahead of the variables (a publish that landed before the
+    variable update failed or was cut by the restart it triggered): then the record wins."""
+    from targets import open_target
+
+    pub_it, pub_pre = open_target(instruct_target(s), s).read_published(), open_target(s.output_repo, s).read_published()
+    rec_it, rec_pre = pub_it.record, pub_pre.record
+    record = rec_it or rec_pre
+    explicit = s.init is not None or s.inst is not None
+    if explicit and s.space_id and record is not None:
+        nxt = record.get("next")
+        var_pos = _position(bool(s.inst), s.init or 0)
+        if nxt is None or _position(bool(nxt["inst"]), int(nxt["init"])) > var_pos:
+            explicit = False  # the record is ahead: follow it
+    if explicit:
+        inst = bool(s.inst) if s.inst is not None else bool(record and record.get("next") and record["next"]["inst"])
+        init = s.init if s.init is not None else 0
+    elif record is None:
+        inst, init = False, 0
+    elif record.get("next") is None:
+        return RunPlan(stage="instruct", shard=record.get("shard", 0), target=instruct_target(s), source=None, done=True)
+    else:
+        inst, init = bool(record["next"]["inst"]), int(record["next"]["init"])
+
+    if not inst:
+        source = None if init == 0 else s.output_repo
+        plan = RunPlan(stage="pretrain", shard=init, target=s.output_repo, source=source)
+    else:
+        source = (s.input_repo or s.output_repo) if init == 0 else instruct_target(s)
+        plan = RunPlan(stage="instruct", shard=init, target=instruct_target(s), source=source)
+    own = pub_it if plan.inst else pub_pre  # what this run's target holds
+    resume = (own.record or {}).get("resume")
+    if not (resume and resume.get("stage") == plan.stage and resume.get("shard") == plan.shard):
+        resume = None
+    plan = RunPlan(plan.stage, plan.shard, plan.target, plan.source, resume=resume, base=own.publish_id)
+    if plan.source is not None and not open_target(plan.source, s).has_model():
+        what = "INIT" if not inst else ("INPUT_REPO/OUTPUT_REPO" if init == 0 else "INIT")
+        raise BadInput([f"{what}: this run ({plan.describe()}) continues from the model in {plan.source}, but no "
+                        "published model is there. Fix: run the earlier shards first (unset INIT and INST to follow "
+                        "the record), or point OUTPUT_REPO/INPUT_REPO at the published model."])
+    return plan
+
+
+def build_record(s: Settings, plan: RunPlan, manifest: dict[str, Any], metrics: dict[str, Any],
+                 previous: dict[str, Any] | None) -> dict[str, Any]:
+    """The new training_state.json: this run appended to the history, and what the next run does."""
+    history = list((previous or {}).get("history", []))
+    entry = {"stage": plan.stage, "shard": plan.shard, "shards_total": manifest["shards_total"],
+             "rows": manifest["rows"], "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+             **{k: metrics[k] for k in ("steps", "tokens", "train_loss", "eval_loss_before", "eval_loss",
+                                        "perplexity", "train_runtime_s", "tokens_per_s", "precision",
+                                        "world_size", "train_format", "trainable_parameters", "merged_eval_loss",
+                                        "merge_delta_pct", "resumed_from_step", "first_resumed_step_s", "data_order_sha256",
+                                        "shard_steps", "skipped_steps", "evals", "best_step", "best_eval_loss",
+                                        "last_step_eval_loss", "early_stopped_at")
+                if k in metrics}}
+    if "origin" in manifest:  # where the first run's weights and tokenizer came from (BASE_MODEL, TOKENIZER)
+        entry["origin"] = manifest["origin"]
+    if "sources" in manifest:  # several datasets interleaved: rows, documents and tokens of each in this shard
+        entry["sources"] = manifest["sources"]
+    resumed = (previous or {}).get("resume") or {}
+    if resumed.get("stage") == plan.stage and resumed.get("shard") == plan.shard:
+        entry["interruptions"] = resumed.get("interruptions", 0)
+    history.append(entry)
+    nxt = next_after(plan.stage, plan.shard, manifest["shards_total"])
+    return {
+        "format": RECORD_FORMAT,
+        "stage": plan.stage,
+        "shard": plan.shard,
+        "shards_total": manifest["shards_total"],
+        "next": nxt,
+        "done": nxt is None,
+        "steps": sum(h.get("steps", 0) for h in history),
+        "tokens": sum(h.get("tokens", 0) for h in history),
+        "architecture": manifest["architecture"],
+        "parameters": manifest["parameters"],
+        "history": history,
+        "settings": s.redacted(),
+    }

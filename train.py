@@ -25,8 +25,9 @@ from typing import Any
 
 import redact
 import status_page
-from util import link_or_copy
 from config import EXIT_BAD_INPUT, BadInput, failure_exit, quiet_disk_full_in_threads, RunFailure, Settings, deepspeed_config, load_settings, report, resolve_precision
+from targets import link_or_copy, open_target
+from util import run_started
 
 DATA_ORDER = "data_order.json"
 # Exit code of a run stopped (signal) before its first optimizer step: nothing to publish, the
@@ -336,12 +337,6 @@ def finite_weights(model) -> list[str]:
     return [n for n, p in model.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
 
 
-def run_started() -> float:
-    """When this run started (epoch seconds): RUN_STARTED_AT, set by trainer.sh at the start of the
-    run (the container's start in a Space), else now."""
-    return float(os.environ.get("RUN_STARTED_AT") or time.time())
-
-
 def make_status_callback():
     """Feeds the status page (rank 0): where training is and each logged loss."""
     from transformers import TrainerCallback
@@ -534,7 +529,8 @@ class PeriodicCheckpoint:
 
     def _publish(self, snapshot: Path, metrics: dict[str, Any], save_s: float) -> None:
         from quant_utils import non_finite_tensors
-        from util import PublishConflict, publish_periodic, where_published
+        from delivery import publish_periodic
+        from hub import PublishConflict
 
         t = time.time()
         step = metrics["step"]
@@ -548,7 +544,7 @@ class PeriodicCheckpoint:
             upload_s = time.time() - t
             self.cost_s = save_s + upload_s
             self.published.append({"step": step, "save_s": round(save_s, 2), "upload_s": round(upload_s, 2)})
-            where = where_published(self.target)
+            where = open_target(self.target).where
             log(f"periodic checkpoint at step {step} published to {where}/last-checkpoint (saved in {save_s:.1f} s, "
                 f"published in {upload_s:.1f} s in the background); a run killed from now on resumes there")
             status_page.emit("publish", where=f"{where}/last-checkpoint", url=None,

@@ -151,15 +151,15 @@ export RUN_STARTED_AT="${RUN_STARTED_AT:-$(date +%s)}"
 runs=0
 while :; do
   set +e
-  "$PY" util.py plan >/dev/null 2>&1
+  "$PY" publish.py plan >/dev/null 2>&1
   planned=$?
   set -e
   if [ "$planned" -eq 3 ]; then
     banner "done"
-    "$PY" util.py plan || true
+    "$PY" publish.py plan || true
     status end state=done "message=the pipeline is done: every shard is trained and published"
     ended=1
-    if [ -n "$space" ]; then "$PY" util.py pause; fi
+    if [ -n "$space" ]; then "$PY" publish.py pause; fi
     exit 0
   fi
   runs=$(( runs + 1 ))
@@ -169,7 +169,7 @@ while :; do
   phase "prep" "$PY" prep.py
   # WORK_DIR/final then holds the finished model, or the full-state checkpoint of a stopped shard.
   phase "train ($nproc_ rank(s))" deepspeed --log_level error --num_gpus "$nproc_" --master_port "$port" train.py
-  phase "publish" "$PY" util.py publish
+  phase "publish" "$PY" publish.py publish
   # Later runs follow the published record, not the first run's explicit INIT/INST.
   unset INIT INST
   if [ -n "$space" ]; then
@@ -186,7 +186,7 @@ while :; do
     banner "stopping after MAX_RUNS=$max_runs run(s)"
     status end state=stopped "message=stopped after MAX_RUNS=$max_runs run(s)"
     ended=1
-    "$PY" util.py plan || true
+    "$PY" publish.py plan || true
     exit 0
   fi
 done

@@ -3,7 +3,7 @@
     python bench/hub_faults.py
 
 Trains one tiny shard (prep.py + train.py under the deepspeed launcher), then publishes it with
-`util.py publish` — the real huggingface_hub client — to the loopback Hub of the tests
+`publish.py publish` — the real huggingface_hub client — to the loopback Hub of the tests
 (tests/hub_double.py, HF_HUB_DISABLE_XET=1) with one fault injected per case: 5xx on the commit,
 429 with Retry-After, a dropped connection during an LFS upload, a stalled commit (past
 HUB_TIMEOUT), a commit that lands but whose answer is lost, a 403, a bad token, and a Hub that never
@@ -95,7 +95,7 @@ def publish_case(work: Path, name: str, faults: list[dict]) -> dict:
         if name.startswith("401"):
             env["HF_TOKEN"] = "hf_revoked"  # not a token this Hub knows
         t = time.perf_counter()
-        p = subprocess.run([sys.executable, "util.py", "publish"], cwd=ROOT, env=env, capture_output=True, text=True)
+        p = subprocess.run([sys.executable, "publish.py", "publish"], cwd=ROOT, env=env, capture_output=True, text=True)
         seconds = time.perf_counter() - t
         retries = len(re.findall(r"^\[hub\] .*retry \d+ of", p.stdout, re.M))
         # the faults served before the rerun below clears them
@@ -105,7 +105,7 @@ def publish_case(work: Path, name: str, faults: list[dict]) -> dict:
         if p.returncode != 0:  # the fault gone, the same publish goes through
             hub.clear_faults()
             env["HF_TOKEN"] = TOKEN
-            q = subprocess.run([sys.executable, "util.py", "publish"], cwd=ROOT, env=env, capture_output=True, text=True)
+            q = subprocess.run([sys.executable, "publish.py", "publish"], cwd=ROOT, env=env, capture_output=True, text=True)
             rerun = {"exit": q.returncode, "commits": len(hub.commits(REPO))}
         leaked = any(TOKEN in x for x in (p.stdout, p.stderr)) or any(
             TOKEN.encode() in b for r in hub.repos.values() for b in r.files.values())

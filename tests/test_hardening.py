@@ -83,7 +83,7 @@ def test_a_record_of_a_newer_format_is_refused_not_rewritten():
 
 def test_records_the_pipeline_writes_pass_the_schema(tmp_path):
     from run_state import validate_record
-    from util import RunPlan, build_record
+    from run_state import RunPlan, build_record
 
     s = load_settings({"OUTPUT_REPO": str(tmp_path / "o")})
     manifest = {"shards_total": 2, "rows": 10, "architecture": {}, "parameters": 1}
@@ -99,7 +99,7 @@ def test_preflight_and_plan_report_a_damaged_local_record_with_exit_2(env, tmp_p
     out = Path(env["OUTPUT_REPO"])
     out.mkdir(parents=True)
     (out / "training_state.json").write_text(_with(next={"inst": "no", "init": "one"}))
-    for cmd in (py("preflight.py"), py("util.py", "plan")):
+    for cmd in (py("preflight.py"), py("publish.py", "plan")):
         p = run(cmd, env, timeout=120)
         assert p.returncode == 2, p.stdout + p.stderr
         text = p.stdout + p.stderr
@@ -286,7 +286,7 @@ def _final(tmp_path: Path, tiny_model: Path) -> Path:
 
 
 def test_the_publish_gate_refuses_non_finite_weights_and_losses(tmp_path, tiny_model):
-    from util import NonFinite, refuse_non_finite
+    from delivery import NonFinite, refuse_non_finite
 
     final = _final(tmp_path, tiny_model)
     refuse_non_finite(final, {"eval_loss": 1.2, "train_loss": 2.0})  # healthy: passes
@@ -301,7 +301,7 @@ def test_the_publish_gate_refuses_non_finite_weights_and_losses(tmp_path, tiny_m
 def test_the_publish_gate_refuses_a_non_finite_checkpoint(tmp_path, tiny_model):
     import shutil
 
-    from util import NonFinite, refuse_non_finite
+    from delivery import NonFinite, refuse_non_finite
 
     final = tmp_path / "final"
     shutil.copytree(tiny_model, final / "last-checkpoint")
@@ -385,7 +385,7 @@ def _errors():
 
 @pytest.mark.parametrize("name", list(_errors()))
 def test_only_a_404_means_absent_and_only_outages_are_retried(name):
-    from util import Hub
+    from hub import Hub
 
     e, absent, transient = _errors()[name]
     assert Hub.absent(e) is absent
@@ -424,7 +424,7 @@ def test_a_hub_that_cannot_be_read_plans_nothing(tmp_path, faults):
         env.update({"HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": TOKEN, "OUTPUT_REPO": "alice/llama",
                     "HUB_RETRY_WAIT": "0.01", "HUB_RETRIES": "0", "HUB_TIMEOUT": "1"})
         # HUB_RETRIES=0: huggingface_hub's own backoff on a failed file read (~23 s) is retry enough here.
-        p = run(py("util.py", "plan"), env, timeout=120)
+        p = run(py("publish.py", "plan"), env, timeout=120)
         text = p.stdout + p.stderr
         assert p.returncode == 1, text
         assert "fresh weights" not in text and "Hub:" in text and "Traceback" not in text
@@ -440,7 +440,7 @@ def test_with_the_hub_up_the_same_repo_plans_the_next_stage(tmp_path):
         env = make_env(tmp_path)
         env.pop("HF_HUB_OFFLINE")
         env.update({"HF_ENDPOINT": hub.endpoint, "HF_HUB_DISABLE_XET": "1", "HF_TOKEN": TOKEN, "OUTPUT_REPO": "alice/llama"})
-        p = run(py("util.py", "plan"), env, timeout=120)
+        p = run(py("publish.py", "plan"), env, timeout=120)
         assert p.returncode == 0 and "instruct shard 0 from alice/llama -> alice/llama-it" in p.stdout, p.stdout + p.stderr
     finally:
         hub.stop()
@@ -482,7 +482,7 @@ def test_a_second_writer_is_told_who_holds_the_output_and_a_killed_holder_frees_
 def test_prep_and_publish_refuse_to_run_beside_a_live_run(env):
     holder = _holder(env)
     try:
-        for cmd in (py("prep.py"), py("util.py", "publish")):
+        for cmd in (py("prep.py"), py("publish.py", "publish")):
             p = run(cmd, env, timeout=120)
             assert p.returncode == 1 and f"in use by another run: pid {holder.pid}" in p.stderr, p.stdout + p.stderr
         p = run(py("preflight.py"), env, timeout=120)
@@ -665,7 +665,7 @@ def test_a_broken_config_file_never_shows_the_token(tmp_path, name, content):
     f = tmp_path / name
     f.write_text(content.format(secret=secret))
     env = {**make_env(tmp_path), "CONFIG_FILE": str(f)}
-    for cmd in (py("config.py"), py("preflight.py"), py("util.py", "plan")):
+    for cmd in (py("config.py"), py("preflight.py"), py("publish.py", "plan")):
         p = run(cmd, env, timeout=120)
         assert p.returncode == 2, p.stdout + p.stderr
         assert secret not in p.stdout + p.stderr and "CONFIG_FILE" in p.stdout + p.stderr
@@ -674,7 +674,7 @@ def test_a_broken_config_file_never_shows_the_token(tmp_path, name, content):
 def test_a_token_in_the_wrong_variable_is_masked_in_every_entry_point(tmp_path):
     env = make_env(tmp_path)
     env.update({"INPUT_DATASET": TOKEN, "OUTPUT_REPO": f"./{TOKEN}/x", "INIT": TOKEN})
-    for cmd in (py("config.py"), py("preflight.py"), py("util.py", "plan"), py("prep.py")):
+    for cmd in (py("config.py"), py("preflight.py"), py("publish.py", "plan"), py("prep.py")):
         p = run(cmd, env, timeout=120)
         assert p.returncode == 2, p.stdout + p.stderr
         assert TOKEN not in p.stdout + p.stderr and "***" in p.stdout + p.stderr
@@ -809,11 +809,11 @@ def test_a_publish_over_an_output_that_changed_since_the_run_started_is_refused(
         run(cmd, env, timeout=600, check=True)
     twin = tmp_path / "work-twin"
     shutil.copytree(env["WORK_DIR"], twin)
-    first = run(py("util.py", "publish"), env, timeout=120, check=True)
+    first = run(py("publish.py", "publish"), env, timeout=120, check=True)
     assert "published: pretrain shard 0" in first.stdout
     target = Path(env["OUTPUT_REPO"])
     published = (target / "training_state.json").read_bytes()
-    second = run(py("util.py", "publish"), {**env, "WORK_DIR": str(twin)}, timeout=120)
+    second = run(py("publish.py", "publish"), {**env, "WORK_DIR": str(twin)}, timeout=120)
     assert second.returncode == 1, second.stdout + second.stderr
     assert "publish refused" in second.stderr and "another run published there" in second.stderr
     assert (target / "training_state.json").read_bytes() == published

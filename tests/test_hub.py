@@ -111,11 +111,11 @@ def test_the_record_wins_when_the_space_variables_are_behind(hub, tmp_path):
     assert run(["./trainer.sh"], env, timeout=600).returncode == 0
     assert hub.spaces["alice/trainer"].variables["INIT"]["value"] == "1"
     # The variables as they were before that run: INIT=0 (behind the record, which says shard 1).
-    p = run(["python3", "util.py", "plan"], {**env, "INIT": "0", "INST": "false"}, timeout=120)
+    p = run(["python3", "publish.py", "plan"], {**env, "INIT": "0", "INST": "false"}, timeout=120)
     assert p.returncode == 0 and "pretrain shard 1 from alice/llama" in p.stdout, p.stdout + p.stderr
     # Outside a Space an explicit INIT still overrides the record.
     local = {k: v for k, v in env.items() if k != "SPACE_ID"}
-    p = run(["python3", "util.py", "plan"], {**local, "INIT": "0", "INST": "false"}, timeout=120)
+    p = run(["python3", "publish.py", "plan"], {**local, "INIT": "0", "INST": "false"}, timeout=120)
     assert "pretrain shard 0 from fresh weights" in p.stdout, p.stdout + p.stderr
 
 
@@ -147,7 +147,7 @@ def test_sigkill_during_a_hub_publish_leaves_the_published_state_loadable(hub, t
         p = run(cmd, env, timeout=600)
         assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     stall = hub.fail("POST", r"/commit/", kind="delay", seconds=30)
-    proc = subprocess.Popen(["python3", "util.py", "publish"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(["python3", "publish.py", "publish"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     end = time.monotonic() + 120
     while stall.fired == 0 and time.monotonic() < end:
@@ -159,7 +159,7 @@ def test_sigkill_during_a_hub_publish_leaves_the_published_state_loadable(hub, t
     assert json.loads(before["training_state.json"])["next"] == {"inst": False, "init": 1}
     _load_and_chat({**env, "HF_HOME": str(tmp_path / "reader")}, "alice/llama")
     hub.clear_faults()
-    p = run(["python3", "util.py", "publish"], env, timeout=300)
+    p = run(["python3", "publish.py", "publish"], env, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
     assert len(hub.commits("alice/llama")) == 2
     assert json.loads(hub.repos["alice/llama"].files["training_state.json"])["next"] == {"inst": True, "init": 0}
@@ -221,7 +221,7 @@ def test_a_read_that_stalls_past_hub_timeout_fails_even_with_no_cached_copy(hub,
     env = {**hub_env(tmp_path, hub), "HUB_TIMEOUT": "1", "HUB_RETRIES": "0"}
     head = hub.fail("HEAD", r"/resolve/.*training_state", kind="delay", seconds=3, times=10**6)
     hub.fail("GET", r"/resolve/.*training_state", kind="delay", seconds=3, times=10**6)
-    code = ("from config import load_settings; from util import Hub, HubError\n"
+    code = ("from config import load_settings; from hub import Hub, HubError\n"
             "try:\n"
             f"    Hub(load_settings()).read_text('alice/llama', 'training_state.json', revision={sha!r}); print('read')\n"
             "except HubError:\n"

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from config import BadInput, load_settings
-from util import STATE_FILE, build_record, next_after, plan_run, recover_local, _swap_in
+from run_state import STATE_FILE, build_record, next_after, plan_run
+from targets import _swap_in, recover_local
 
 
 def test_next_after_walks_shards_then_instruct_then_done():
@@ -64,7 +65,7 @@ def test_continuing_without_a_model_is_bad_input(tmp_path):
 def test_record_accumulates_history(tmp_path):
     s = settings(tmp_path)
     manifest = {"shards_total": 2, "rows": 10, "architecture": {}, "parameters": 5}
-    from util import RunPlan
+    from run_state import RunPlan
 
     r1 = build_record(s, RunPlan("pretrain", 0, "t", None), manifest, {"steps": 3, "tokens": 100}, None)
     assert r1["next"] == {"inst": False, "init": 1} and not r1["done"]
@@ -89,7 +90,7 @@ def test_swap_is_atomic_and_recoverable(tmp_path):
 
 def test_a_shard_of_several_datasets_keeps_its_mix_in_the_record(tmp_path):
     from run_state import Record
-    from util import RunPlan
+    from run_state import RunPlan
 
     mix = [{"path": "web.jsonl", "weight": 0.7, "rows": 7, "documents": 7, "tokens": 700},
            {"path": "code.jsonl", "weight": 0.3, "rows": 3, "documents": 3, "tokens": 300}]

@@ -1,0 +1,330 @@
+"""Where a model lives: a local directory or a Hub repo, behind one interface.
+
+Every setting that names a model place (OUTPUT_REPO, OUTPUT_REPO-it, INPUT_REPO, BASE_MODEL,
+TOKENIZER, convert.py --push) is opened here with `open_target`; the stages ask the target what they
+need (its record, whether it holds a model, a local copy of it, an atomic publish, write access, a
+name to show) and never which kind it is. A new kind of place is one class in this file.
+
+Reading has no side effects. A local publish killed between its two renames leaves the previous
+output as `<dir>.old`; readers see that output, and `recover()` (called by the publish and run
+entry points, under the output lock) puts it back.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from config import BadInput, Settings
+from run_state import STATE_FILE, validate_record
+
+HUB_ID_HINT = "neither a local path (./dir, /dir, ~/dir) nor a Hub repo id (owner/name)"
+
+
+def is_local_spec(spec: str) -> bool:
+    """A local directory (absolute, ./, ../, ~ or file:) rather than a Hub repo id 'owner/name'."""
+    return spec.startswith(("/", "./", "../", "~", "file:")) or spec in {".", ".."}
+
+
+def local_path(spec: str) -> Path:
+    return Path(spec.removeprefix("file:")).expanduser().resolve()
+
+
+@dataclass(frozen=True)
+class Published:
+    """What a target holds now: its record (None when nothing was published there) and, on the Hub,
+    the commit it was read at (a publish is made on top of exactly that commit)."""
+
+    record: dict[str, Any] | None
+    revision: str | None = None
+
+    @property
+    def publish_id(self) -> str:
+        """The record's publish id; "" when there is no record (and "-" for a record without one)."""
+        return "" if self.record is None else str(self.record.get("publish_id") or "-")
+
+
+class Target:
+    """A place a model is read from and published to."""
+
+    spec: str  # the setting's value, as given
+    local_dir: Path | None  # the directory this target writes on this machine (None: nothing local)
+    needs_token = False  # publishing there needs HF_TOKEN
+    survives_restart = True  # still there after a Space restart wipes the container's disk
+    url: str | None = None  # where a person sees it in a browser
+
+    @property
+    def where(self) -> str:
+        """The name a person reads in a log line."""
+        raise NotImplementedError
+
+    @property
+    def load_id(self) -> str:
+        """What `from_pretrained` takes to load the published model."""
+        raise NotImplementedError
+
+    def read_published(self) -> Published:
+        """The published training_state.json, checked against its schema. Only a definite answer
+        means "nothing published"; a place that cannot be read raises."""
+        raise NotImplementedError
+
+    def read_record(self) -> dict[str, Any] | None:
+        return self.read_published().record
+
+    def head(self) -> str | None:
+        """The version a publish is made on top of (a Hub commit; None where a publish replaces all)."""
+        return None
+
+    def has_model(self) -> bool:
+        raise NotImplementedError
+
+    def materialize(self, work: Path, allow: list[str] | None = None, ignore: list[str] | None = None) -> Path:
+        """A local directory holding the target's files (all, `allow`ed or not `ignore`d)."""
+        raise NotImplementedError
+
+    def recover(self) -> None:
+        """Finish what a killed publish left half done (nothing to do where a publish is atomic)."""
+
+    def deliver(self, work: Path, fill: Callable[[Path], None], message: str, publish_id: str, revision: str | None,
+                only: list[str] | None = None) -> None:
+        """Make the target hold what `fill(staged)` writes into a staging directory: the whole output,
+        or, with `only` (files, and folders ending in /), just those paths, the rest kept as it is.
+        A reader sees the old output or the new one, never a mix."""
+        raise NotImplementedError
+
+    def carried_traces(self, work: Path, own: bool) -> Path | None:
+        """The runs/ folder of TensorBoard traces a full publish must copy to keep every earlier
+        run's traces: from this target (`own`: the publish goes here) or from the pretraining output
+        (the first instruct publish). None when there is nothing to copy."""
+        raise NotImplementedError
+
+
+class LocalTarget(Target):
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+        self.local_dir = local_path(spec)
+        self.survives_restart = False
+
+    @property
+    def where(self) -> str:
+        return str(self.local_dir)
+
+    @property
+    def load_id(self) -> str:
+        return str(self.local_dir)
+
+    def _readable_root(self) -> Path:
+        """The published directory; during a killed publish's window, the previous output it set aside."""
+        old = _old(self.local_dir)
+        return old if not self.local_dir.exists() and old.exists() else self.local_dir
+
+    def read_published(self) -> Published:
+        path = self._readable_root() / STATE_FILE
+        text = path.read_text() if path.exists() else None
+        return Published(None if text is None else validate_record(text, str(self.local_dir / STATE_FILE)))
+
+    def has_model(self) -> bool:
+        root = self._readable_root()
+        return (root / "config.json").exists() and any(root.glob("*.safetensors"))
+
+    def materialize(self, work: Path, allow: list[str] | None = None, ignore: list[str] | None = None) -> Path:
+        return self._readable_root()
+
+    def recover(self) -> None:
+        recover_local(self.local_dir)
+
+    def deliver(self, work, fill, message, publish_id, revision, only=None) -> None:
+        root = self.local_dir
+        root.parent.mkdir(parents=True, exist_ok=True)
+        self.recover()
+        staged = root.with_name(f"{root.name}.tmp-{os.getpid()}")
+        if staged.exists():
+            shutil.rmtree(staged)
+        if only is not None and root.exists():  # the rest of the output, linked, not copied
+            shutil.copytree(root, staged, ignore=shutil.ignore_patterns(*(p.rstrip("/") for p in only)),
+                            copy_function=link_or_copy)
+        else:
+            staged.mkdir()
+        try:
+            fill(staged)
+            _fsync_tree(staged)
+            _swap_in(staged, root)
+        finally:  # a failed publish (a full disk) leaves no half-written copy behind
+            if staged.exists():
+                shutil.rmtree(staged, ignore_errors=True)
+
+    def carried_traces(self, work: Path, own: bool) -> Path | None:
+        runs = self._readable_root() / "runs"
+        return runs if runs.is_dir() else None
+
+
+class HubTarget(Target):
+    needs_token = True
+
+    def __init__(self, spec: str, s: Settings | None) -> None:
+        self.spec = spec
+        self.local_dir = None
+        self.url = f"https://huggingface.co/{spec}"
+        self._s = s
+
+    @property
+    def hub(self):
+        from hub import hub
+
+        if self._s is None:
+            raise RuntimeError(f"{self.spec}: a Hub target opened without settings cannot reach the Hub")
+        return hub(self._s)
+
+    @property
+    def where(self) -> str:
+        return f"{self.spec} on the Hub"
+
+    @property
+    def load_id(self) -> str:
+        return self.spec
+
+    def head(self) -> str | None:
+        return self.hub.head(self.spec)
+
+    def read_published(self) -> Published:
+        sha = self.head()
+        if sha is None:
+            return Published(None)
+        text = self.hub.read_text(self.spec, STATE_FILE, revision=sha)
+        return Published(None if text is None else validate_record(text, f"{self.spec}/{STATE_FILE} on the Hub"), sha)
+
+    def has_model(self) -> bool:
+        files = self.hub.list_files(self.spec)
+        return files is not None and "config.json" in files and any(f.endswith(".safetensors") and "/" not in f for f in files)
+
+    def materialize(self, work: Path, allow: list[str] | None = None, ignore: list[str] | None = None) -> Path:
+        return self.hub.download(self.spec, work / "hub", ignore=ignore, allow=allow)
+
+    def deliver(self, work, fill, message, publish_id, revision, only=None) -> None:
+        staged = work / "publish"
+        if staged.exists():
+            shutil.rmtree(staged)
+        staged.mkdir()
+        try:
+            fill(staged)
+            self.hub.publish(self.spec, staged, message, publish_id, revision, replace=only)
+        finally:  # a failed publish (the Hub down) leaves no half-written copy behind
+            shutil.rmtree(staged, ignore_errors=True)
+
+    def carried_traces(self, work: Path, own: bool) -> Path | None:
+        if own:  # the Hub keeps earlier runs' traces: a publish never deletes runs/<run>/
+            return None
+        files = self.hub.list_files(self.spec) or []
+        if not any(f.startswith("runs/") and f.count("/") >= 2 for f in files):
+            return None
+        return self.hub.download(self.spec, work / "earlier-runs", allow=["runs/*/*"]) / "runs"
+
+
+def open_target(spec: str, s: Settings | None = None) -> Target:
+    """The target a setting names; `s` (the settings, for the Hub client) is needed to reach the Hub."""
+    return LocalTarget(spec) if is_local_spec(spec) else HubTarget(spec, s)
+
+
+def spec_problem(var: str, spec: str) -> str | None:
+    """Why `spec` names no place (None when it does)."""
+    from config import HUB_ID
+
+    if is_local_spec(spec) or HUB_ID.fullmatch(spec):
+        return None
+    return f"{var}={spec!r}: {HUB_ID_HINT}."
+
+
+def fetch(var: str, spec: str, s: Settings, allow: list[str]) -> Path:
+    """A local directory holding what setting `var` names (BASE_MODEL, TOKENIZER): the directory itself,
+    or the `allow`ed files of the Hub repo's current commit under WORK_DIR/hub."""
+    t = open_target(spec, s)
+    path = t.materialize(Path(s.work_dir), allow=allow)
+    if not path.is_dir():
+        raise BadInput([f"{var}={spec!r}: no such directory. Fix: the path of a saved model or tokenizer, or a Hub repo id."])
+    return path
+
+
+def access_problems(targets: list[Target], s: Settings) -> list[str]:
+    """What would stop this run writing `targets` (each with its fix): local directories writable by
+    this user; Hub repos writable with HF_TOKEN (existing or creatable) and, in a Space, the Space."""
+    problems = []
+    for d in [t.local_dir for t in targets if t.local_dir is not None]:
+        problems += writable_problems(d)
+    repos = [t.spec for t in targets if isinstance(t, HubTarget)]
+    if repos or s.space_id:
+        from hub import hub
+
+        problems += hub(s).check_access(repos)
+    return problems
+
+
+def writable_problems(p: Path) -> list[str]:
+    """[] when this user can create or write `p`; else the problem and its fix."""
+    parent = next(q for q in [p, *p.parents] if q.exists())
+    if os.access(parent, os.W_OK):
+        return []
+    owner = parent.stat().st_uid
+    return [f"{p}: not writable by uid {os.getuid()} (the nearest existing directory, {parent}, belongs to "
+            f"uid {owner}). Fix: make it writable for this user (on a Docker host: sudo chown -R "
+            f"{os.getuid()}:{os.getgid()} on the host folder mounted there, or create that folder before "
+            "`docker run` so Docker does not create it as root), or run the container as the folder's owner "
+            "(docker run --user $(id -u):$(id -g)), or choose a writable OUTPUT_REPO / WORK_DIR."]
+
+
+# --- local publishing: staged copy, fsync, two renames -------------------------------------------
+
+
+def _old(root: Path) -> Path:
+    return root.with_name(root.name + ".old")
+
+
+def recover_local(root: Path) -> None:
+    """Finish a publish that was killed between its two renames: the old output is put back."""
+    old = _old(root)
+    if not root.exists() and old.exists():
+        old.rename(root)
+    elif root.exists() and old.exists():
+        shutil.rmtree(old)
+    if root.parent.exists():  # a publish killed while staging leaves its half-written copy
+        for stale in root.parent.glob(f"{root.name}.tmp-*"):
+            if stale.is_dir() and not _alive(stale.name.rsplit("-", 1)[-1]):
+                shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _swap_in(staged: Path, root: Path) -> None:
+    """Make `staged` the published `root` with renames only, so a reader sees the old or the new output."""
+    old = _old(root)
+    if root.exists():
+        root.rename(old)
+    staged.rename(root)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def link_or_copy(src: str, dst: str) -> None:
+    """A hard link where the filesystem allows it (no copy of large weights), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file so the rename publishes complete files even after a power cut."""
+    for p in root.rglob("*"):
+        if p.is_file():
+            with p.open("rb") as f:
+                os.fsync(f.fileno())
