@@ -19,19 +19,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.append(str(ROOT / "bench"))  # after the project: bench/ has its own convert.py, model.py, status_page.py
 
 from clean_env import free_port, head_jsonl  # noqa: E402,F401 - the benchmarks' helpers, shared by the tests
+from config import known_names  # noqa: E402
 
-# Settings variables a developer may have exported; tests start from none of them.
-SETTINGS_VARS = {"INIT", "INST", "USE_QUANT", "PACK_CHATS", "BATCH_SIZE", "GRADIENT_ACCUMULATION_STEPS", "EPOCHS", "LEARNING_RATE",
-                 "WEIGHT_DECAY", "MAX_LENGTH", "VOCAB_SIZE", "SHARD_SIZE", "INPUT_DATASET", "INPUT_DS",
-                 "INSTRUCT_DATASET", "INST_DS", "INPUT_REPO", "OUTPUT_REPO", "STARTUP_DURATION_TIMEOUT",
-                 "TIMEOUT_BUFFER", "HF_TOKEN", "TARGET_PARAMETERS", "MODEL_SIZE", "FACTOR", "BASE_MODEL", "BASE_MODEL_PARTIAL", "TOKENIZER", "PRECISION", "MODEL_IMPL", "COMPILE", "MAX_STEPS", "SHARD_STEPS", "SAVE_INTERVAL", "EVAL_INTERVAL",
-                 "EARLY_STOPPING_PATIENCE", "BEST_MODEL",
-                 "MAX_RUNS", "SEED", "CONFIG_FILE", "WORK_DIR", "TIME_BUDGET", "NUM_PROCESSES", "TEXT_COLUMN",
-                 "VAL_FRACTION", "WARMUP_RATIO", "GRADIENT_CHECKPOINTING", "DATASET_SPLIT", "TOKENIZER_SAMPLE_MB",
-                 "LORA_R", "LORA_ALPHA", "LORA_DROPOUT", "LORA_TARGETS", "PRIVATE", "HUB_RETRIES",
-                 "HUB_RETRY_WAIT", "HUB_TIMEOUT", "SPACE_ID", "HF_ENDPOINT", "HF_HUB_DISABLE_XET", "PORT", "KEEP_SERVING",
-                 "REPORT_TO", "WANDB_API_KEY", "WANDB_MODE", "WANDB_PROJECT", "WANDB_DIR", "TRACKIO_DIR", "TRACKIO_SPACE_ID",
-                 "TRACKIO_SERVER_URL"}
+# Every name a setting answers to (from config), and the libraries' own variables a run reads:
+# a test starts from an environment without any of them.
+SETTINGS_VARS = known_names() | {"HF_ENDPOINT", "HF_HUB_DISABLE_XET", "WANDB_API_KEY", "WANDB_MODE", "WANDB_PROJECT",
+                                 "WANDB_DIR", "TRACKIO_DIR", "TRACKIO_SPACE_ID", "TRACKIO_SERVER_URL"}
 
 
 @pytest.fixture
