@@ -25,11 +25,10 @@ from typing import Any
 
 import redact
 import status_page
-from config import EXIT_BAD_INPUT, BadInput, failure_exit, quiet_disk_full_in_threads, RunFailure, Settings, deepspeed_config, load_settings, report, resolve_precision
 from targets import link_or_copy, open_target
 from util import run_started
+from config import EXIT_BAD_INPUT, BadInput, failure_exit, quiet_disk_full_in_threads, RunFailure, Settings, deepspeed_config, load_settings, report, resolve_precision
 
-DATA_ORDER = "data_order.json"
 # Exit code of a run stopped (signal) before its first optimizer step: nothing to publish, the
 # state unchanged. trainer.sh says so and exits 3 itself.
 EXIT_STOPPED = 3
@@ -103,60 +102,37 @@ class PackedCollator:
 
 
 def build_trainer(s: Settings, prepared: Path, out: Path, precision: str, callbacks: list):
-    """The TRL SFT trainer over the prepared datasets, with DeepSpeed ZeRO-2 and this run's schedule."""
-    import torch
+    """The trainer (lm_trainer.Trainer: TRL's SFTTrainer) over the prepared datasets, with DeepSpeed
+    ZeRO-2 and this run's schedule; returns it, the tokenizer and whether gradient checkpointing is on."""
     from datasets import load_from_disk
     from transformers import AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
 
-    from architecture import llama_class
-    from lm_loss import causal_lm_loss
-    from quant_utils import add_lora
-
-    class Trainer(SFTTrainer):
-        # One digest per micro-batch, in training order (a resumed shard starts with the digests of
-        # the steps before the interruption, carried in the checkpoint): runs/data_order.json shows
-        # that a chain of runs trained on exactly the batches of one uninterrupted run.
-        batch_digests: list[str]  # set below, before training
-        evaluator = None  # an evaluation.Evaluator when evaluating during training
-
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            ids = inputs["input_ids"].detach().cpu().numpy().tobytes()
-            self.batch_digests.append(hashlib.sha1(ids).hexdigest()[:16])
-            return super().training_step(model, inputs, num_items_in_batch)
-
-        def _save_checkpoint(self, model, trial):
-            super()._save_checkpoint(model, trial)
-            if self.is_world_process_zero():
-                from transformers.trainer_utils import get_last_checkpoint
-
-                last = get_last_checkpoint(self.args.output_dir)
-                Path(last, DATA_ORDER).write_text(json.dumps(self.batch_digests))
-                if self.evaluator is not None:
-                    self.evaluator.write_into(Path(last))
-
-        # TRL's default loss also computes per-token entropy and accuracy metrics; on CPU that halved
-        # throughput (measured 1.2k vs 2.3k tokens/s on a 22M model). Here: the decoder's hidden
-        # states, then lm_loss's chunked head + cross-entropy (no full logits). The decoder is called
-        # directly rather than through the DeepSpeed engine's forward, which under ZeRO-2 only adds
-        # timers; backward still goes through the engine.
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            core = self.accelerator.unwrap_model(model)
-            if hasattr(core, "get_base_model"):  # PEFT: the Llama with the LoRA layers in it
-                core = core.get_base_model()
-            out = core.model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                             position_ids=inputs.get("position_ids"), use_cache=False)
-            loss = causal_lm_loss(out.last_hidden_state, core.lm_head.weight, inputs["labels"], num_items_in_batch)
-            if num_items_in_batch is not None and self.args.average_tokens_across_devices:
-                # num_items_in_batch counts every rank's tokens and the ranks' gradients are averaged
-                loss = loss * self.accelerator.num_processes
-            return (loss, out) if return_outputs else loss
+    from lm_trainer import DATA_ORDER, Trainer
 
     manifest = json.loads((prepared / "manifest.json").read_text())
     tok = AutoTokenizer.from_pretrained(prepared / "tokenizer")
     train_ds, val_ds = load_from_disk(str(prepared / "train")), load_from_disk(str(prepared / "val"))
     micro_batch = sequences_per_batch(s, manifest)
     ckpt = use_gradient_checkpointing(s, manifest["architecture"], precision, manifest["train_format"] == "nf4")
+    model = load_model(s, prepared, manifest, precision, ckpt)
+    configure_trackers(s, out, manifest)
+    args = trainer_args(s, out, manifest, precision, ckpt, micro_batch, len(train_ds))
+    packed = manifest.get("packed_chats", False)
+    earlier = prepared / "checkpoint" / DATA_ORDER
+    trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds, processing_class=tok,
+                      callbacks=callbacks, batch_digests=json.loads(earlier.read_text()) if earlier.exists() else [],
+                      **({"data_collator": PackedCollator(tok.pad_token_id)} if packed else {}))
+    return trainer, tok, ckpt
+
+
+def load_model(s: Settings, prepared: Path, manifest: dict[str, Any], precision: str, ckpt: bool):
+    """The prepared model as this run trains it: every weight in fp32 (mixed precision is DeepSpeed's),
+    or, NF4, bitsandbytes 4-bit layers with LoRA adapters; its blocks compiled when COMPILE asks."""
+    import torch
+
+    from architecture import llama_class
+    from quant_utils import add_lora
+
     if manifest["train_format"] == "nf4":
         # The NF4 base loads as bitsandbytes 4-bit layers (its config.json carries the quantization
         # config); only the LoRA adapters train. Under ZeRO-2 the frozen 4-bit weights stay whole on
@@ -173,9 +149,18 @@ def build_trainer(s: Settings, prepared: Path, out: Path, precision: str, callba
         else:
             model.compile_blocks()
             log("COMPILE=true: each decoder block compiles on its first step (once per shape; cached for later runs)")
+    return model
+
+
+def trainer_args(s: Settings, out: Path, manifest: dict[str, Any], precision: str, ckpt: bool, micro_batch: int,
+                 train_rows: int):
+    """The trainer's arguments: this run's schedule, precision and DeepSpeed config; saves and
+    evaluations are the run's own (a stop or periodic checkpoint; evaluation.py), not the trainer's."""
+    import torch
+    from trl import SFTConfig
+
     cpu = not torch.cuda.is_available()
-    configure_trackers(s, out, manifest)
-    args = SFTConfig(
+    return SFTConfig(
         output_dir=str(out / "trainer"),
         per_device_train_batch_size=micro_batch,
         per_device_eval_batch_size=micro_batch,
@@ -194,7 +179,7 @@ def build_trainer(s: Settings, prepared: Path, out: Path, precision: str, callba
         **checkpointing_arg(ckpt),
         seed=s.seed,
         data_seed=s.seed,
-        logging_steps=max(1, min(50, len(train_ds) // (micro_batch * 20) or 1)),
+        logging_steps=max(1, min(50, train_rows // (micro_batch * 20) or 1)),
         report_to=s.trackers or "none",
         project=s.tracker_project(),
         run_name=tensorboard_run(manifest),
@@ -209,12 +194,6 @@ def build_trainer(s: Settings, prepared: Path, out: Path, precision: str, callba
         dataloader_drop_last=False,
         disable_tqdm=int(os.environ.get("RANK", "0")) != 0,
     )
-    packed = manifest.get("packed_chats", False)
-    trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds, processing_class=tok,
-                      callbacks=callbacks, **({"data_collator": PackedCollator(tok.pad_token_id)} if packed else {}))
-    earlier = prepared / "checkpoint" / DATA_ORDER
-    trainer.batch_digests = json.loads(earlier.read_text()) if earlier.exists() else []
-    return trainer, tok, ckpt
 
 
 def tensorboard_run(manifest: dict[str, Any]) -> str:
@@ -566,9 +545,53 @@ class PeriodicCheckpoint:
             self.upload.join()
 
 
+def describe_run(s: Settings, trainer, manifest: dict[str, Any], precision: str, ckpt: bool, until: float) -> int:
+    """Log what this run trains and how; returns the number of trainable parameters."""
+    import torch
+
+    plan = manifest["plan"]
+    log(f"{plan['stage']} shard {plan['shard']}: {manifest['train_sequences']} train / {manifest['val_sequences']} val "
+        f"sequences of <= {s.max_length} tokens; precision {precision}; {trainer.args.world_size} rank(s) on "
+        f"{'GPU' if torch.cuda.is_available() else 'CPU'}; ZeRO-2; gradient checkpointing {'on' if ckpt else 'off'}; "
+        f"{max(0.0, until - time.time()) / 60:.1f} min of the time budget left")
+    if manifest.get("packed_chats"):
+        micro = trainer.args.per_device_train_batch_size
+        log(f"chats packed: {manifest['train_chats']} training chats in {manifest['train_sequences']} sequences; "
+            f"{micro} sequence(s) per micro-batch hold ~{micro * manifest['train_chats'] / manifest['train_sequences']:.0f} "
+            f"chats (BATCH_SIZE={s.batch_size} counts chats)")
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    if manifest["train_format"] == "nf4":
+        log(f"NF4 base + LoRA r={s.lora_r} alpha={s.lora_alpha:g} on {s.lora_targets}: {trainable:,} trainable parameters")
+    else:
+        log(f"training every weight: {trainable:,} parameters")
+    return trainable
+
+
+def loss_before_shard(s: Settings, trainer, work: Path, manifest: dict[str, Any], precision: str) -> float:
+    """The validation loss before this shard trained: measured now, or, resuming, the one the
+    checkpoint's record carries (the model has trained since). Refuses a model that starts non-finite."""
+    resume, plan = manifest.get("resume"), manifest["plan"]
+    if resume:
+        before = float(resume["eval_loss_before"])
+        log(f"resuming at step {resume['step']} of this shard from the published checkpoint "
+            f"(validation loss before the shard: {before:.4f})")
+    else:
+        before = validation_loss(trainer.model, trainer.eval_dataset, trainer.data_collator,
+                                 trainer.args.per_device_eval_batch_size, precision)
+        if not math.isfinite(before):
+            raise BadInput([f"{plan['source'] or 'the fresh model'}: validation loss {before} before any training: the "
+                            "model's weights or the run's precision produce non-finite values. Fix: publish a healthy "
+                            "model there (or INPUT_REPO), or try PRECISION=fp32."])
+        log(f"validation loss before training: {before:.4f}")
+    if trainer.is_world_process_zero():
+        status_page.emit("eval", tokens=int(resume.get("tokens", 0)) if resume else 0, loss=before)
+        if not resume:
+            log_validation_loss(trainer, s, work, manifest, 0, before)
+    return before
+
+
 def fit(s: Settings, work: Path) -> int:
     """Train the prepared shard and write WORK_DIR/final; returns the exit code."""
-    import torch
     import transformers
 
     from jit_ops import load_comm_op
@@ -587,35 +610,8 @@ def fit(s: Settings, work: Path) -> int:
         load_comm_op(log)
         trainer, tok, ckpt = build_trainer(s, prepared, work, precision, [budget, make_status_callback()])
         world = trainer.args.world_size
-        log(f"{plan['stage']} shard {plan['shard']}: {manifest['train_sequences']} train / {manifest['val_sequences']} val "
-            f"sequences of <= {s.max_length} tokens; precision {precision}; {world} rank(s) on "
-            f"{'GPU' if torch.cuda.is_available() else 'CPU'}; ZeRO-2; gradient checkpointing {'on' if ckpt else 'off'}; "
-            f"{max(0.0, until - time.time()) / 60:.1f} min of the time budget left")
-        if manifest.get("packed_chats"):
-            micro = trainer.args.per_device_train_batch_size
-            log(f"chats packed: {manifest['train_chats']} training chats in {manifest['train_sequences']} sequences; "
-                f"{micro} sequence(s) per micro-batch hold ~{micro * manifest['train_chats'] / manifest['train_sequences']:.0f} "
-                f"chats (BATCH_SIZE={s.batch_size} counts chats)")
-        trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-        if manifest["train_format"] == "nf4":
-            log(f"NF4 base + LoRA r={s.lora_r} alpha={s.lora_alpha:g} on {s.lora_targets}: {trainable:,} trainable parameters")
-        else:
-            log(f"training every weight: {trainable:,} parameters")
-        if resume:
-            before = float(resume["eval_loss_before"])
-            log(f"resuming at step {resume['step']} of this shard from the published checkpoint "
-                f"(validation loss before the shard: {before:.4f})")
-        else:
-            before = validation_loss(trainer.model, trainer.eval_dataset, trainer.data_collator, trainer.args.per_device_eval_batch_size, precision)
-            if not math.isfinite(before):
-                raise BadInput([f"{plan['source'] or 'the fresh model'}: validation loss {before} before any training: the "
-                                "model's weights or the run's precision produce non-finite values. Fix: publish a healthy "
-                                "model there (or INPUT_REPO), or try PRECISION=fp32."])
-            log(f"validation loss before training: {before:.4f}")
-        if trainer.is_world_process_zero():
-            status_page.emit("eval", tokens=int(resume.get("tokens", 0)) if resume else 0, loss=before)
-            if not resume:
-                log_validation_loss(trainer, s, work, manifest, 0, before)
+        trainable = describe_run(s, trainer, manifest, precision, ckpt, until)
+        before = loss_before_shard(s, trainer, work, manifest, precision)
         t0 = time.perf_counter()
 
         def partial(state, reason: str = "a periodic checkpoint") -> dict[str, Any]:
@@ -641,19 +637,7 @@ def fit(s: Settings, work: Path) -> int:
             "unchanged")
         return EXIT_STOPPED
     runtime = time.perf_counter() - t0
-    evaluated: dict[str, Any] = {}
-    if not budget.stopped:
-        model = trainer.accelerator.unwrap_model(trainer.model_wrapped)
-        try:
-            after = validation_loss(model, trainer.eval_dataset, trainer.data_collator, trainer.args.per_device_eval_batch_size, precision)
-        except StopRequested:
-            # The shard is trained: keep it as a checkpoint at its last step; the next run resumes
-            # there, trains nothing more, evaluates and publishes the model.
-            budget.stopped = "a stop signal"
-            trainer._save_checkpoint(trainer.model_wrapped, trial=None)
-        else:
-            if evaluator is not None:
-                after, evaluated = best_of_shard(evaluator, budget, trainer, model, after, s, precision)
+    after, evaluated = evaluate_trained(s, trainer, budget, evaluator, precision)
     if budget.periodic is not None:
         budget.periodic.wait()  # this run's next publish builds on the last periodic one
     if budget.stopped:
@@ -665,17 +649,16 @@ def fit(s: Settings, work: Path) -> int:
             save_checkpoint(trainer, work, {**partial(trainer.state, budget.stopped), "train_runtime_s": runtime})
         trainer.accelerator.wait_for_everyone()
         return 0
-    tokens = int(trainer.state.num_input_tokens_seen)
-    metrics = {
+    finish_shard(s, trainer, tok, work, manifest, precision, {
         "run_id": manifest["run_id"],
         "steps": trainer.state.global_step,
-        "tokens": tokens,
+        "tokens": int(trainer.state.num_input_tokens_seen),
         "train_loss": result.training_loss,
         "eval_loss_before": before,
         "eval_loss": after,
         "perplexity": math.exp(min(after, 50)) if math.isfinite(after) else after,
         "train_runtime_s": runtime,
-        "tokens_per_s": tokens / runtime if runtime > 0 else 0.0,
+        "tokens_per_s": int(trainer.state.num_input_tokens_seen) / runtime if runtime > 0 else 0.0,
         "precision": precision,
         "world_size": world,
         "gradient_checkpointing": ckpt,
@@ -685,13 +668,43 @@ def fit(s: Settings, work: Path) -> int:
         **({"resumed_from_step": int(resume["step"]), "first_resumed_step_s": budget.first_step_s} if resume else {}),
         **shard_coverage(trainer, s),
         **evaluated,
-    }
+    })
+    trainer.accelerator.wait_for_everyone()
+    return 0
+
+
+def evaluate_trained(s: Settings, trainer, budget, evaluator, precision: str) -> tuple[float | None, dict[str, Any]]:
+    """The validation loss of the trained shard and, when evaluating during training, the best of the
+    shard's weights (`evaluated`: what the record says of it). A stop during this evaluation keeps the
+    trained shard as a checkpoint at its last step (the next run resumes there, trains nothing more,
+    evaluates and publishes); then the loss is None."""
+    if budget.stopped:
+        return None, {}
+    model = trainer.accelerator.unwrap_model(trainer.model_wrapped)
+    try:
+        after = validation_loss(model, trainer.eval_dataset, trainer.data_collator, trainer.args.per_device_eval_batch_size, precision)
+    except StopRequested:
+        budget.stopped = "a stop signal"
+        trainer._save_checkpoint(trainer.model_wrapped, trial=None)
+        return None, {}
+    if evaluator is not None:
+        return best_of_shard(evaluator, budget, trainer, model, after, s, precision)
+    return after, {}
+
+
+def finish_shard(s: Settings, trainer, tok, work: Path, manifest: dict[str, Any], precision: str,
+                 metrics: dict[str, Any]) -> None:
+    """A shard trained to its end: its last evaluation reported, the batch order kept, and on rank 0
+    the model checked finite, merged when NF4 + LoRA, and written to WORK_DIR/final with `metrics`."""
+    from lm_trainer import DATA_ORDER
+
+    after, tokens = metrics["eval_loss"], metrics["tokens"]
     # The last step's evaluation, unless an early stop made it during training (reported then).
-    if trainer.is_world_process_zero() and evaluated.get("early_stopped_at") != trainer.state.global_step:
+    if trainer.is_world_process_zero() and metrics.get("early_stopped_at") != trainer.state.global_step:
         status_page.emit("eval", tokens=tokens, loss=after)
         log_validation_loss(trainer, s, work, manifest, trainer.state.global_step, metrics.get("last_step_eval_loss", after))
     log(f"validation loss after training: {after:.4f} (perplexity {metrics['perplexity']:.2f}); "
-        f"{metrics['steps']} steps, {tokens:,} tokens in {runtime:.0f} s ({metrics['tokens_per_s']:,.0f} tokens/s)")
+        f"{metrics['steps']} steps, {tokens:,} tokens in {metrics['train_runtime_s']:.0f} s ({metrics['tokens_per_s']:,.0f} tokens/s)")
     metrics["data_order_sha256"] = hashlib.sha256(json.dumps(trainer.batch_digests).encode()).hexdigest()
     if trainer.is_world_process_zero():
         (work / "runs").mkdir(parents=True, exist_ok=True)
@@ -701,8 +714,6 @@ def fit(s: Settings, work: Path) -> int:
         if manifest["train_format"] == "nf4":
             model = merge_checked(model, trainer, precision, after, metrics)
         save_final(model, tok, work, precision, metrics)
-    trainer.accelerator.wait_for_everyone()
-    return 0
 
 
 def make_evaluator(s: Settings, trainer, tok, work: Path, manifest: dict[str, Any], precision: str, budget):
