@@ -17,23 +17,23 @@ import json
 import math
 import re
 import shutil
-import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from dataclasses import asdict
 from typing import Any, Iterable
 
 import redact
 import status_page
 from architecture import arch_from_config, count_parameters, llama_config
-from config import (BadInput, failure_exit, quiet_disk_full_in_threads, RunFailure, Settings, architecture, load_settings,
-                    report, resolve_precision)
+from config import (BadInput, failure_exit, quiet_disk_full_in_threads, Settings, architecture, load_settings,
+                    resolve_precision)
 from quant_utils import convert, non_finite_tensors, verify_checkpoint
 from output_lock import acquire
 from run_state import RunPlan, instruct_target, plan_run, validate_checkpoint
 from sources import Corpus, parse_sources
-from targets import fetch, link_or_copy, open_target
+from files import link_or_copy, replacing
+from targets import fetch, open_target
 
 BOS, EOS, PAD, UNK = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>", "<|unk|>"
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
@@ -414,158 +414,185 @@ def take_model(src: Path, out: Path, want: str, compute: str, fmt: dict[str, Any
 
 def prepare(s: Settings, plan: RunPlan) -> dict[str, Any]:
     """Write WORK_DIR/prepared for `plan`; returns the manifest."""
-    token = s.hf_token.get_secret_value() if s.hf_token else None
     work = Path(s.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    var, spec = ("INSTRUCT_DATASET", s.instruct_dataset) if plan.inst else ("INPUT_DATASET", s.input_dataset)
-
     t0 = time.perf_counter()
-    # The checkpoint this run continues from is checked first (headers only): a broken one stops the
-    # run before any data is read.
+    # The model this run continues from is checked first (headers and values), and the checkpoint it
+    # resumes: a broken one stops the run before any data is read.
     source_dir = (open_target(plan.source, s).materialize(work, ignore=["last-checkpoint/*", "runs/*"])
                   if plan.source is not None else None)
     source_format = check_source_model(plan.source, source_dir) if source_dir is not None else None
     checkpoint_src = fetch_checkpoint(s, plan) if plan.resume else None
-    train_format = plan.train_format(s.use_quant)
     if s.use_quant and plan.source is None:
         log("USE_QUANT=true on the first pretraining run: it builds the model, so it trains every weight in full "
             "precision (fresh weights frozen in 4-bit would teach nothing); later runs train NF4 + LoRA")
     precision = resolve_precision(s)
-    corpus = Corpus(parse_sources(spec, var), var, s.text_column, s.dataset_split, token, s.seed)
-    start, end, total = shard_bounds(len(corpus), plan.shard, s.shard_size, var)
-    log(f"{var}={corpus.describe()}; shard {plan.shard} = rows {start}..{end - 1} ({total} shard(s))")
-    status_page.emit("plan", stage=plan.stage, shard=plan.shard, shards_total=total, describe=plan.describe())
-
-    # Validate the whole shard before tokenizing anything.
-    if plan.inst:
-        rows, which = corpus.records(start, end)
-        chats = [to_messages(row, corpus.where(start + i, w)) for i, (row, w) in enumerate(zip(rows, which))]
-    else:
-        texts, which = corpus.texts(start, end)
-        if not texts:
-            raise BadInput([f"{var}: shard {plan.shard} has no non-empty {s.text_column!r} values. Fix: check the data."])
-
-    staged = work / f"prepared.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        staged.mkdir(parents=True)
-        checkpoint = None
+    shard = read_shard(s, plan)
+    with replacing(work / "prepared") as staged:
         if checkpoint_src is not None:
-            checkpoint = staged / "checkpoint"
-            shutil.copytree(checkpoint_src, checkpoint, copy_function=link_or_copy)
+            shutil.copytree(checkpoint_src, staged / "checkpoint", copy_function=link_or_copy)
             why = plan.resume.get("stop_reason", "an interruption")
             log(f"checkpoint: resuming {plan.stage} shard {plan.shard} at step {plan.resume['step']} "
                 + ("(the last periodic checkpoint of a run that did not finish)" if why == "a periodic checkpoint"
                    else f"(stopped by {why})"))
-        if plan.source is None and checkpoint is not None:
-            tok = load_tokenizer(checkpoint, f"{plan.target}/last-checkpoint")
-            log(f"tokenizer: the one of the checkpoint being resumed ({len(tok)} tokens)")
-        elif plan.source is None and (s.tokenizer or s.base_model):
-            tok = given_tokenizer("TOKENIZER" if s.tokenizer else "BASE_MODEL", s.tokenizer or s.base_model, s)
-        elif plan.source is None:
-            log(f"training a byte-level BPE tokenizer (vocab {s.vocab_size}) on up to {s.tokenizer_sample_mb:g} MB of {var}")
-            sample = corpus.sample_texts(int(s.tokenizer_sample_mb * 1e6))
-            tok = train_tokenizer(sample, s.vocab_size, s.max_length)
-        else:
-            if not (source_dir / "tokenizer.json").exists():
-                raise BadInput([f"{plan.source}: no tokenizer.json beside the model. Fix: publish the model with its tokenizer."])
-            tok = load_tokenizer(source_dir, plan.source)
-            if plan.inst and not tok.chat_template:
-                raise BadInput([f"{plan.source}: its tokenizer has no chat template, so chats cannot be rendered. "
-                                "Fix: start from a model this pipeline pretrained (its tokenizer carries the template)."])
-            log(f"tokenizer: the published one from {plan.source} ({len(tok)} tokens)")
+        tok = choose_tokenizer(s, plan, shard, staged / "checkpoint" if checkpoint_src is not None else None, source_dir)
         tok.save_pretrained(staged / "tokenizer")
-
-        t1 = time.perf_counter()
-        if plan.inst:
-            kept: list[int] = []
-            ids, labels, dropped = tokenize_chats(tok, chats, s.max_length, kept)
-            if dropped:
-                log(f"dropped {dropped} chat(s) whose answer starts beyond MAX_LENGTH={s.max_length}")
-            seqs, seq_labels = ids, labels
-            n_docs = len(chats)
-            raw_bytes = sum(len(m["content"].encode()) for c in chats for m in c)
-            doc_tokens = [(which[i], len(x)) for i, x in zip(kept, ids)]
-            which = [which[i] for i in kept]  # the chats trained (those cut to nothing by MAX_LENGTH are not)
-        else:
-            docs = tokenize_texts(tok, texts)
-            seqs, seq_labels = pack(docs, tok.eos_token_id, s.max_length), None
-            n_docs = len(texts)
-            raw_bytes = sum(len(t.encode()) for t in texts)
-            doc_tokens = [(w, len(x) + 1) for w, x in zip(which, docs)]
-        dt = time.perf_counter() - t1
-        mix = source_stats(corpus, start, end, which, doc_tokens) if len(corpus.sources) > 1 else None
-        if mix:
-            log("mix of this shard: " + "; ".join(f"{m['path']} {m['rows']} rows, {m['tokens']:,} tokens "
-                                                 f"({m['tokens'] / max(1, sum(x['tokens'] for x in mix)):.0%})" for m in mix))
-        tokens = sum(len(x) for x in seqs)
-        # The held-out split is drawn over documents' sequences (pretraining) or chats (instruct)
-        # before chats are packed, so the same chats are held out whether packed or not.
-        train_idx, val_idx = split_indices(len(seqs), s.val_fraction, s.seed + plan.shard)
-        splits = {name: ([seqs[i] for i in idx], [seq_labels[i] for i in idx] if seq_labels else None, None)
-                  for name, idx in (("train", train_idx), ("val", val_idx))}
-        fingerprint = data_fingerprint(splits["train"][0])
-        packed = plan.inst and s.pack_chats
-        if packed and plan.resume and plan.resume.get("data_fingerprint") == fingerprint:
-            # A checkpoint of this shard trained one chat per sequence: it resumes on that data.
-            packed = False
-            log("PACK_CHATS=true, but the checkpoint being resumed trained this shard one chat per sequence: "
-                "the shard finishes that way")
-        if packed:
-            splits = {name: pack_chats(x, y, s.max_length, s.seed + plan.shard) for name, (x, y, _) in splits.items()}
-            fingerprint = data_fingerprint(splits["train"][0])
-            log(f"packed {len(train_idx)} training chats into {len(splits['train'][0])} sequences of up to "
-                f"{s.max_length} tokens ({sum(len(x) for x in splits['train'][0]) / (len(splits['train'][0]) * s.max_length):.0%} full)")
-        for name, (x, y, pos) in splits.items():
-            to_dataset(x, y, pos).save_to_disk(staged / name)
-        if plan.resume and plan.resume.get("data_fingerprint") not in (None, fingerprint):
-            raise BadInput([f"{var}: shard {plan.shard} is not the data the checkpoint in {plan.target}/last-checkpoint was "
-                            f"trained on (its training sequences changed since step {plan.resume['step']}), so resuming "
-                            "would skip or repeat data. Fix: restore the dataset and settings of that run (SHARD_SIZE, "
-                            "MAX_LENGTH, VAL_FRACTION, SEED, PACK_CHATS), or delete last-checkpoint/ there to train the shard anew."])
-        n_train, n_val = len(splits["train"][0]), len(splits["val"][0])
-        log(f"{n_docs} {'chats' if plan.inst else 'documents'} -> {tokens:,} tokens in {n_train + n_val} sequences "
-            f"({n_train} train / {n_val} val), {raw_bytes / 1e6 / max(dt, 1e-9):.1f} MB/s")
-
-        origin = {}
-        if plan.source is None and s.base_model:
-            arch, origin["base_model"] = base_model(s, tok, staged / "model")
-        elif plan.source is None:
-            arch = build_model(s, tok, staged / "model")
-            log(f"model: fresh Llama, {count_parameters(arch):,} parameters "
-                f"(d={arch['hidden_size']}, layers={arch['num_hidden_layers']}, heads={arch['num_attention_heads']}/{arch['num_key_value_heads']} kv, "
-                f"mlp={arch['intermediate_size']}, vocab={arch['vocab_size']})")
-        else:
-            arch = take_model(source_dir, staged / "model", train_format, precision, source_format)
-            if arch["vocab_size"] != len(tok):
-                raise BadInput([f"{plan.source}: the model's vocabulary ({arch['vocab_size']}) differs from its tokenizer's "
-                                f"({len(tok)}). Fix: publish the model and tokenizer together."])
-            log(f"model: continuing from {plan.source} ({count_parameters(arch):,} parameters)")
-
+        data = encode_shard(s, plan, shard, tok, staged)
+        origin, arch = prepare_model(s, plan, tok, staged / "model", source_dir, source_format, precision)
         manifest = {
             "run_id": uuid.uuid4().hex,
-            "plan": asdict(plan),
-            "dataset": spec, "rows": end - start, "documents": n_docs, "shards_total": total,
-            "tokens": tokens, "sequences": n_train + n_val, "train_sequences": n_train, "val_sequences": n_val,
-            **({"sources": mix} if mix else {}),
-            "packed_chats": packed, **({"train_chats": len(train_idx)} if packed else {}),
-            "raw_bytes": raw_bytes, "tokenize_seconds": dt,
+            "plan": plan.to_json(),
+            "dataset": shard.spec, "rows": shard.end - shard.start, "documents": data["documents"],
+            "shards_total": shard.total,
+            "tokens": data["tokens"], "sequences": data["train_sequences"] + data["val_sequences"],
+            "train_sequences": data["train_sequences"], "val_sequences": data["val_sequences"],
+            **({"sources": data["sources"]} if data["sources"] else {}),
+            "packed_chats": data["packed"], **({"train_chats": data["train_chats"]} if data["packed"] else {}),
+            "raw_bytes": data["raw_bytes"], "tokenize_seconds": data["tokenize_seconds"],
             "architecture": arch, "parameters": count_parameters(arch),
-            "train_format": train_format, "source_format": source_format,
+            "train_format": plan.train_format(s.use_quant), "source_format": source_format,
             "prep_seconds": time.perf_counter() - t0,
-            "data_fingerprint": fingerprint,
+            "data_fingerprint": data["fingerprint"],
             **({"origin": {**origin, "tokenizer": s.tokenizer or s.base_model}}
                if plan.source is None and (s.tokenizer or s.base_model) else {}),
-            **({"resume": {"checkpoint": "checkpoint", **plan.resume}} if checkpoint is not None else {}),
+            **({"resume": {"checkpoint": "checkpoint", **plan.resume}} if checkpoint_src is not None else {}),
         }
         (staged / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        final = work / "prepared"
-        if final.exists():
-            shutil.rmtree(final)
-        staged.rename(final)
-        return manifest
-    finally:
-        if staged.exists():
-            shutil.rmtree(staged)
+    return manifest
+
+
+@dataclass
+class Shard:
+    """This run's rows of the stage's dataset, read and validated whole before anything is tokenized."""
+
+    var: str
+    spec: str
+    corpus: Corpus
+    start: int
+    end: int
+    total: int
+    which: list[int]  # the source of each row
+    chats: list[list[dict[str, str]]] | None = None  # instruct
+    texts: list[str] | None = None  # pretraining
+
+
+def read_shard(s: Settings, plan: RunPlan) -> Shard:
+    var, spec = ("INSTRUCT_DATASET", s.instruct_dataset) if plan.inst else ("INPUT_DATASET", s.input_dataset)
+    token = s.hf_token.get_secret_value() if s.hf_token else None
+    corpus = Corpus(parse_sources(spec, var), var, s.text_column, s.dataset_split, token, s.seed)
+    start, end, total = shard_bounds(len(corpus), plan.shard, s.shard_size, var)
+    log(f"{var}={corpus.describe()}; shard {plan.shard} = rows {start}..{end - 1} ({total} shard(s))")
+    status_page.emit("plan", stage=plan.stage, shard=plan.shard, shards_total=total, describe=plan.describe())
+    if plan.inst:
+        rows, which = corpus.records(start, end)
+        chats = [to_messages(row, corpus.where(start + i, w)) for i, (row, w) in enumerate(zip(rows, which))]
+        return Shard(var, spec, corpus, start, end, total, which, chats=chats)
+    texts, which = corpus.texts(start, end)
+    if not texts:
+        raise BadInput([f"{var}: shard {plan.shard} has no non-empty {s.text_column!r} values. Fix: check the data."])
+    return Shard(var, spec, corpus, start, end, total, which, texts=texts)
+
+
+def choose_tokenizer(s: Settings, plan: RunPlan, shard: Shard, checkpoint: Path | None, source_dir: Path | None):
+    """The tokenizer of this run: the published one it continues from; on the first run the resumed
+    checkpoint's, TOKENIZER's (or BASE_MODEL's), or one trained now on a sample of the data."""
+    if plan.source is None and checkpoint is not None:
+        tok = load_tokenizer(checkpoint, f"{plan.target}/last-checkpoint")
+        log(f"tokenizer: the one of the checkpoint being resumed ({len(tok)} tokens)")
+        return tok
+    if plan.source is None and (s.tokenizer or s.base_model):
+        return given_tokenizer("TOKENIZER" if s.tokenizer else "BASE_MODEL", s.tokenizer or s.base_model, s)
+    if plan.source is None:
+        log(f"training a byte-level BPE tokenizer (vocab {s.vocab_size}) on up to {s.tokenizer_sample_mb:g} MB of {shard.var}")
+        return train_tokenizer(shard.corpus.sample_texts(int(s.tokenizer_sample_mb * 1e6)), s.vocab_size, s.max_length)
+    if not (source_dir / "tokenizer.json").exists():
+        raise BadInput([f"{plan.source}: no tokenizer.json beside the model. Fix: publish the model with its tokenizer."])
+    tok = load_tokenizer(source_dir, plan.source)
+    if plan.inst and not tok.chat_template:
+        raise BadInput([f"{plan.source}: its tokenizer has no chat template, so chats cannot be rendered. "
+                        "Fix: start from a model this pipeline pretrained (its tokenizer carries the template)."])
+    log(f"tokenizer: the published one from {plan.source} ({len(tok)} tokens)")
+    return tok
+
+
+def encode_shard(s: Settings, plan: RunPlan, shard: Shard, tok, staged: Path) -> dict[str, Any]:
+    """The shard tokenized (documents packed into sequences, or chats rendered with loss on the
+    answers), split into train/val, chats packed, saved under `staged`; returns what the manifest
+    says of it. A resumed shard must be the very data its checkpoint trained on."""
+    t1 = time.perf_counter()
+    which = shard.which
+    if plan.inst:
+        kept: list[int] = []
+        seqs, seq_labels, dropped = tokenize_chats(tok, shard.chats, s.max_length, kept)
+        if dropped:
+            log(f"dropped {dropped} chat(s) whose answer starts beyond MAX_LENGTH={s.max_length}")
+        n_docs = len(shard.chats)
+        raw_bytes = sum(len(m["content"].encode()) for c in shard.chats for m in c)
+        doc_tokens = [(which[i], len(x)) for i, x in zip(kept, seqs)]
+        which = [which[i] for i in kept]  # the chats trained (those cut to nothing by MAX_LENGTH are not)
+    else:
+        docs = tokenize_texts(tok, shard.texts)
+        seqs, seq_labels = pack(docs, tok.eos_token_id, s.max_length), None
+        n_docs = len(shard.texts)
+        raw_bytes = sum(len(t.encode()) for t in shard.texts)
+        doc_tokens = [(w, len(x) + 1) for w, x in zip(which, docs)]
+    dt = time.perf_counter() - t1
+    mix = source_stats(shard.corpus, shard.start, shard.end, which, doc_tokens) if len(shard.corpus.sources) > 1 else None
+    if mix:
+        log("mix of this shard: " + "; ".join(f"{m['path']} {m['rows']} rows, {m['tokens']:,} tokens "
+                                             f"({m['tokens'] / max(1, sum(x['tokens'] for x in mix)):.0%})" for m in mix))
+    tokens = sum(len(x) for x in seqs)
+    # The held-out split is drawn over documents' sequences (pretraining) or chats (instruct)
+    # before chats are packed, so the same chats are held out whether packed or not.
+    train_idx, val_idx = split_indices(len(seqs), s.val_fraction, s.seed + plan.shard)
+    splits = {name: ([seqs[i] for i in idx], [seq_labels[i] for i in idx] if seq_labels else None, None)
+              for name, idx in (("train", train_idx), ("val", val_idx))}
+    fingerprint = data_fingerprint(splits["train"][0])
+    packed = plan.inst and s.pack_chats
+    if packed and plan.resume and plan.resume.get("data_fingerprint") == fingerprint:
+        # A checkpoint of this shard trained one chat per sequence: it resumes on that data.
+        packed = False
+        log("PACK_CHATS=true, but the checkpoint being resumed trained this shard one chat per sequence: "
+            "the shard finishes that way")
+    if packed:
+        splits = {name: pack_chats(x, y, s.max_length, s.seed + plan.shard) for name, (x, y, _) in splits.items()}
+        fingerprint = data_fingerprint(splits["train"][0])
+        log(f"packed {len(train_idx)} training chats into {len(splits['train'][0])} sequences of up to "
+            f"{s.max_length} tokens ({sum(len(x) for x in splits['train'][0]) / (len(splits['train'][0]) * s.max_length):.0%} full)")
+    for name, (x, y, pos) in splits.items():
+        to_dataset(x, y, pos).save_to_disk(staged / name)
+    if plan.resume and plan.resume.get("data_fingerprint") not in (None, fingerprint):
+        raise BadInput([f"{shard.var}: shard {plan.shard} is not the data the checkpoint in {plan.target}/last-checkpoint was "
+                        f"trained on (its training sequences changed since step {plan.resume['step']}), so resuming "
+                        "would skip or repeat data. Fix: restore the dataset and settings of that run (SHARD_SIZE, "
+                        "MAX_LENGTH, VAL_FRACTION, SEED, PACK_CHATS), or delete last-checkpoint/ there to train the shard anew."])
+    n_train, n_val = len(splits["train"][0]), len(splits["val"][0])
+    log(f"{n_docs} {'chats' if plan.inst else 'documents'} -> {tokens:,} tokens in {n_train + n_val} sequences "
+        f"({n_train} train / {n_val} val), {raw_bytes / 1e6 / max(dt, 1e-9):.1f} MB/s")
+    return {"documents": n_docs, "tokens": tokens, "train_sequences": n_train, "val_sequences": n_val, "sources": mix,
+            "packed": packed, "train_chats": len(train_idx), "raw_bytes": raw_bytes, "tokenize_seconds": dt,
+            "fingerprint": fingerprint}
+
+
+def prepare_model(s: Settings, plan: RunPlan, tok, out: Path, source_dir: Path | None,
+                  source_format: dict[str, Any] | None, precision: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The model this run trains, in `out`: BASE_MODEL's weights, fresh weights, or the published
+    model it continues from in the format it trains. Returns (origin, architecture)."""
+    origin: dict[str, Any] = {}
+    if plan.source is None and s.base_model:
+        arch, origin["base_model"] = base_model(s, tok, out)
+    elif plan.source is None:
+        arch = build_model(s, tok, out)
+        log(f"model: fresh Llama, {count_parameters(arch):,} parameters "
+            f"(d={arch['hidden_size']}, layers={arch['num_hidden_layers']}, heads={arch['num_attention_heads']}/{arch['num_key_value_heads']} kv, "
+            f"mlp={arch['intermediate_size']}, vocab={arch['vocab_size']})")
+    else:
+        arch = take_model(source_dir, out, plan.train_format(s.use_quant), precision, source_format)
+        if arch["vocab_size"] != len(tok):
+            raise BadInput([f"{plan.source}: the model's vocabulary ({arch['vocab_size']}) differs from its tokenizer's "
+                            f"({len(tok)}). Fix: publish the model and tokenizer together."])
+        log(f"model: continuing from {plan.source} ({count_parameters(arch):,} parameters)")
+    return origin, arch
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from config import BadInput, Settings
+from files import link_or_copy, old, recover, replacing
 from run_state import STATE_FILE, validate_record
 
 HUB_ID_HINT = "neither a local path (./dir, /dir, ~/dir) nor a Hub repo id (owner/name)"
@@ -118,8 +119,8 @@ class LocalTarget(Target):
 
     def _readable_root(self) -> Path:
         """The published directory; during a killed publish's window, the previous output it set aside."""
-        old = _old(self.local_dir)
-        return old if not self.local_dir.exists() and old.exists() else self.local_dir
+        aside = old(self.local_dir)
+        return aside if not self.local_dir.exists() and aside.exists() else self.local_dir
 
     def read_published(self) -> Published:
         path = self._readable_root() / STATE_FILE
@@ -134,27 +135,15 @@ class LocalTarget(Target):
         return self._readable_root()
 
     def recover(self) -> None:
-        recover_local(self.local_dir)
+        recover(self.local_dir)
 
     def deliver(self, work, fill, message, publish_id, revision, only=None) -> None:
         root = self.local_dir
-        root.parent.mkdir(parents=True, exist_ok=True)
-        self.recover()
-        staged = root.with_name(f"{root.name}.tmp-{os.getpid()}")
-        if staged.exists():
-            shutil.rmtree(staged)
-        if only is not None and root.exists():  # the rest of the output, linked, not copied
-            shutil.copytree(root, staged, ignore=shutil.ignore_patterns(*(p.rstrip("/") for p in only)),
-                            copy_function=link_or_copy)
-        else:
-            staged.mkdir()
-        try:
+        with replacing(root, fsync=True) as staged:
+            if only is not None and root.exists():  # the rest of the output, linked, not copied
+                shutil.copytree(root, staged, ignore=shutil.ignore_patterns(*(p.rstrip("/") for p in only)),
+                                copy_function=link_or_copy, dirs_exist_ok=True)
             fill(staged)
-            _fsync_tree(staged)
-            _swap_in(staged, root)
-        finally:  # a failed publish (a full disk) leaves no half-written copy behind
-            if staged.exists():
-                shutil.rmtree(staged, ignore_errors=True)
 
     def carried_traces(self, work: Path, own: bool) -> Path | None:
         runs = self._readable_root() / "runs"
@@ -272,59 +261,3 @@ def writable_problems(p: Path) -> list[str]:
             f"{os.getuid()}:{os.getgid()} on the host folder mounted there, or create that folder before "
             "`docker run` so Docker does not create it as root), or run the container as the folder's owner "
             "(docker run --user $(id -u):$(id -g)), or choose a writable OUTPUT_REPO / WORK_DIR."]
-
-
-# --- local publishing: staged copy, fsync, two renames -------------------------------------------
-
-
-def _old(root: Path) -> Path:
-    return root.with_name(root.name + ".old")
-
-
-def recover_local(root: Path) -> None:
-    """Finish a publish that was killed between its two renames: the old output is put back."""
-    old = _old(root)
-    if not root.exists() and old.exists():
-        old.rename(root)
-    elif root.exists() and old.exists():
-        shutil.rmtree(old)
-    if root.parent.exists():  # a publish killed while staging leaves its half-written copy
-        for stale in root.parent.glob(f"{root.name}.tmp-*"):
-            if stale.is_dir() and not _alive(stale.name.rsplit("-", 1)[-1]):
-                shutil.rmtree(stale, ignore_errors=True)
-
-
-def _alive(pid: str) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _swap_in(staged: Path, root: Path) -> None:
-    """Make `staged` the published `root` with renames only, so a reader sees the old or the new output."""
-    old = _old(root)
-    if root.exists():
-        root.rename(old)
-    staged.rename(root)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def link_or_copy(src: str, dst: str) -> None:
-    """A hard link where the filesystem allows it (no copy of large weights), else a copy."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
-def _fsync_tree(root: Path) -> None:
-    """Flush every file so the rename publishes complete files even after a power cut."""
-    for p in root.rglob("*"):
-        if p.is_file():
-            with p.open("rb") as f:
-                os.fsync(f.fileno())

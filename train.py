@@ -25,9 +25,10 @@ from typing import Any
 
 import redact
 import status_page
-from targets import link_or_copy, open_target
+from files import link_or_copy, replacing
+from targets import open_target
 from util import run_started
-from config import EXIT_BAD_INPUT, BadInput, failure_exit, quiet_disk_full_in_threads, RunFailure, Settings, deepspeed_config, load_settings, report, resolve_precision
+from config import EXIT_BAD_INPUT, BadInput, failure_exit, quiet_disk_full_in_threads, Settings, deepspeed_config, load_settings, report, resolve_precision
 
 # Exit code of a run stopped (signal) before its first optimizer step: nothing to publish, the
 # state unchanged. trainer.sh says so and exits 3 itself.
@@ -848,15 +849,9 @@ def merge_checked(peft_model, trainer, precision: str, adapter_loss: float, metr
 
 def _write_final(work: Path, fill, metrics: dict[str, Any]) -> None:
     """WORK_DIR/final = what `fill(staged)` writes plus metrics.json, written beside and renamed in."""
-    staged, final = work / "final.tmp", work / "final"
-    if staged.exists():
-        shutil.rmtree(staged)
-    staged.mkdir()
-    fill(staged)
-    (staged / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    if final.exists():
-        shutil.rmtree(final)
-    staged.rename(final)
+    with replacing(work / "final") as staged:
+        fill(staged)
+        (staged / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
 
 def save_checkpoint(trainer, work: Path, metrics: dict[str, Any]) -> None:

@@ -1,4 +1,4 @@
-"""Run state: which run comes next, explicit overrides, done, and the atomic local publish."""
+"""Run state: which run comes next, explicit overrides, done, the record, and the atomic local swap."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from config import BadInput, load_settings
 from run_state import STATE_FILE, build_record, next_after, plan_run
-from targets import _swap_in, recover_local
+from files import recover, swap_in
 
 
 def test_next_after_walks_shards_then_instruct_then_done():
@@ -79,12 +79,12 @@ def test_swap_is_atomic_and_recoverable(tmp_path):
     publish_fake(root, {"inst": False, "init": 1})
     staged = tmp_path / "out.tmp"
     publish_fake(staged, {"inst": False, "init": 2})
-    _swap_in(staged, root)
+    swap_in(staged, root)
     assert json.loads((root / STATE_FILE).read_text())["next"]["init"] == 2
     assert not (tmp_path / "out.old").exists() and not staged.exists()
     # A publish killed between its two renames: the old output is put back on the next start.
     root.rename(tmp_path / "out.old")
-    recover_local(root)
+    recover(root)
     assert json.loads((root / STATE_FILE).read_text())["next"]["init"] == 2
 
 
@@ -98,3 +98,14 @@ def test_a_shard_of_several_datasets_keeps_its_mix_in_the_record(tmp_path):
     r = build_record(settings(tmp_path), RunPlan("pretrain", 0, "t", None), manifest, {"steps": 3, "tokens": 1000}, None)
     assert r["history"][0]["sources"] == mix
     assert Record.model_validate(json.loads(json.dumps(r))).history[0].model_extra["sources"] == mix  # the next run reads it
+
+
+def test_a_plan_handed_on_by_another_version_fails_at_the_boundary():
+    from run_state import RunPlan
+
+    plan = RunPlan("instruct", 1, "t", "s", resume={"step": 3}, base="x")
+    assert RunPlan.from_json(json.loads(json.dumps(plan.to_json()))) == plan
+    with pytest.raises(ValueError, match=r"unknown \['colour'\]"):
+        RunPlan.from_json({**plan.to_json(), "colour": "red"})
+    with pytest.raises(ValueError, match=r"missing \['target'\]"):
+        RunPlan.from_json({k: v for k, v in plan.to_json().items() if k != "target"})
