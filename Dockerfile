@@ -26,12 +26,11 @@ WORKDIR /home/user/app
 
 # Dependencies first, so code changes do not reinstall them. torch from PyPI is the CUDA build here;
 # deepspeed builds against it (no build isolation).
-COPY --chown=user:user requirements.txt ./
-RUN pip install pip==26.3 wheel==0.48.0 setuptools==84.2.1 \
-    && pip install torch==2.13.0 \
-    && echo "torch==2.13.0" > /opt/venv/constraints.txt \
-    && pip install -c /opt/venv/constraints.txt -r requirements.txt \
-    && pip install --no-build-isolation -c /opt/venv/constraints.txt deepspeed==0.19.8
+COPY --chown=user:user requirements.txt constraints.txt ./
+RUN pip install -c constraints.txt pip wheel setuptools \
+    && pip install -c constraints.txt torch \
+    && pip install -c constraints.txt -r requirements.txt \
+    && pip install --no-build-isolation -c constraints.txt deepspeed
 
 COPY --chown=user:user . .
 

@@ -2,8 +2,6 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-TORCH_VERSION     := 2.13.0
-DEEPSPEED_VERSION := 0.19.8
 STAMP  := $(VENV)/.installed
 
 .PHONY: setup chromium run test test-fast bench bench-env bench-convert gpu-wheels gpu-check gpu-dry-run clean
@@ -19,15 +17,15 @@ chromium:
 	      || { echo "could not install chromium (apt-get install chromium)"; exit 1; }; \
 	  else echo "chromium is missing: run 'sudo apt-get install chromium' (the status page's browser test needs it)"; exit 1; fi
 
-# torch first and pinned (constraints keep every later install from replacing it: an unpinned torch
-# pulls several GB of CUDA wheels), then the stack, then deepspeed built against that torch.
-$(STAMP): requirements.txt requirements-dev.txt Makefile
+# Versions: requirements*.txt, and constraints.txt for what is installed outside them. torch first
+# (the constraints keep every later install from replacing it: an unpinned torch pulls several GB
+# of CUDA wheels), then the stack, then deepspeed built against that torch.
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q pip==26.3 wheel==0.48.0 setuptools==84.2.1
-	$(PY) -m pip install -q torch==$(TORCH_VERSION)
-	echo "torch==$(TORCH_VERSION)" > $(VENV)/constraints.txt
-	$(PY) -m pip install -q -c $(VENV)/constraints.txt -r requirements.txt -r requirements-dev.txt
-	$(PY) -m pip install -q --no-build-isolation -c $(VENV)/constraints.txt deepspeed==$(DEEPSPEED_VERSION)
+	$(PY) -m pip install -q -c constraints.txt pip wheel setuptools
+	$(PY) -m pip install -q -c constraints.txt torch
+	$(PY) -m pip install -q -c constraints.txt -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install -q --no-build-isolation -c constraints.txt deepspeed
 	touch $(STAMP)
 
 run: setup
@@ -78,7 +76,7 @@ gpu-wheels: setup
 	  --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
 	  --platform manylinux2014_x86_64 -d .whl \
 	  $$($(PY) -c "import importlib.metadata as m; print(*(f'{n}=={m.version(n)}' for n in '$(GPU_WHEEL_PACKAGES)'.split()))")
-	DS_BUILD_OPS=0 $(PY) -m pip wheel -q --no-deps --no-build-isolation deepspeed==$(DEEPSPEED_VERSION) -w .whl
+	DS_BUILD_OPS=0 $(PY) -m pip wheel -q --no-deps --no-build-isolation -c constraints.txt deepspeed -w .whl
 	@ls .whl; du -sh .whl
 
 # The GPU checks (needs a GPU), and their flow on this machine without one (small sizes, CPU).

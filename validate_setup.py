@@ -44,19 +44,24 @@ HERE = Path(__file__).resolve().parent
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 # Distribution name -> import name, where they differ.
 IMPORT_NAMES = {"huggingface_hub": "huggingface_hub", "pydantic-settings": "pydantic_settings", "pyyaml": "yaml"}
-EXTRA_PINS = {"torch": "2.13.0", "deepspeed": "0.19.8"}
+EXTRA_PINS = ("torch", "deepspeed")  # pinned in constraints.txt: installed outside requirements.txt
 # Installed with the rest, but only the settings named here use them (preflight's tracking section
 # checks that the chosen one is there): missing, they are no failure of the setup.
 OPTIONAL = {"trackio": "REPORT_TO=trackio", "wandb": "REPORT_TO=wandb"}
 
 
-def pins() -> dict[str, str]:
-    out = dict(EXTRA_PINS)
-    for line in (HERE / "requirements.txt").read_text().splitlines():
+def _pinned(path: Path) -> dict[str, str]:
+    out = {}
+    for line in path.read_text().splitlines():
         m = re.match(r"^([A-Za-z0-9_.-]+)==([^\s;#]+)", line.strip())
         if m:
             out[m.group(1)] = m.group(2)
     return out
+
+
+def pins() -> dict[str, str]:
+    extra = _pinned(HERE / "constraints.txt")
+    return {**{name: extra[name] for name in EXTRA_PINS}, **_pinned(HERE / "requirements.txt")}
 
 
 def strict_versions() -> bool:

@@ -23,8 +23,24 @@ def test_dockerfile_runs_trainer_as_uid_1000_with_a_cuda_base():
     assert re.search(r"^FROM nvidia/cuda:\S+", text, re.M)
     assert re.search(r"^USER 1000$", text, re.M)
     assert 'CMD ["./trainer.sh"]' in text and "tini" in text
-    # The same pins as the local set-up.
-    assert "torch==2.13.0" in text and "deepspeed==0.19.8" in text and "-r requirements.txt" in text
+    # The same pins as the local set-up: from constraints.txt and requirements.txt, none written here.
+    assert "COPY --chown=user:user requirements.txt constraints.txt" in text and "-r requirements.txt" in text
+    assert "pip install -c constraints.txt torch" in text and "-c constraints.txt deepspeed" in text
+    assert not re.search(r"\b(torch|deepspeed|pip|wheel|setuptools)==", text)
+
+
+def test_every_version_is_pinned_in_one_place():
+    """torch and deepspeed (installed outside requirements.txt) are pinned in constraints.txt, and
+    every install of the set-up reads it; validate_setup checks the same versions."""
+    from validate_setup import pins
+
+    constraints = (ROOT / "constraints.txt").read_text()
+    assert re.search(r"^torch==\S+$", constraints, re.M) and re.search(r"^deepspeed==\S+$", constraints, re.M)
+    make = (ROOT / "Makefile").read_text()
+    assert not re.search(r"\b(torch|deepspeed|pip|wheel|setuptools)==", make)
+    assert make.count("-c constraints.txt") >= 4
+    torch_pin = re.search(r"^torch==(\S+)$", constraints, re.M).group(1)
+    assert pins()["torch"] == torch_pin and pins()["transformers"]
 
 
 def test_trainer_sh_is_strict_bash():
