@@ -2,7 +2,7 @@
 
     python3 prep.py
 
-Plans the run from the record (run_state.plan_run), then: the tokenizer (trained on the first run, else
+Takes the plan trainer.sh made (else plans the run from the record: run_state.plan_run), then: the tokenizer (trained on the first run, else
 the published one), the current shard read and validated, tokenized and packed (pretraining) or
 rendered with the chat template with loss on assistant tokens only and packed whole into sequences
 (instruct), a held-out validation split, and the model (fresh weights, or the previous run's output). Everything goes to
@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 import shutil
 import time
@@ -29,8 +30,8 @@ from architecture import arch_from_config, count_parameters, llama_config
 from config import (BadInput, failure_exit, quiet_disk_full_in_threads, Settings, architecture, load_settings,
                     resolve_precision)
 from quant_utils import convert, non_finite_tensors, verify_checkpoint
-from output_lock import acquire
-from run_state import RunPlan, instruct_target, plan_run, validate_checkpoint
+from output_lock import INHERITED, acquire
+from run_state import RunPlan, instruct_target, this_runs_plan, validate_checkpoint
 from sources import Corpus, parse_sources
 from files import link_or_copy, replacing
 from targets import fetch, open_target
@@ -609,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
         acquire(s)
         for output in (s.output_repo, instruct_target(s)):  # a publish killed between its renames is finished first
             open_target(output, s).recover()
-        plan = plan_run(s)
+        plan = this_runs_plan(s, handed_on=os.environ.get(INHERITED) == "1")
         if plan.done:
             log(plan.describe())
             return 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import uuid
 from pathlib import Path
@@ -24,7 +25,8 @@ import util
 from config import Settings, failure_exit, load_settings, quiet_disk_full_in_threads
 from delivery import publish_checkpoint, read_manifest, refuse_non_finite, unchanged_since
 from hub import retries_made
-from run_state import STATE_FILE, RunPlan, build_record, plan_run
+from output_lock import INHERITED
+from run_state import STATE_FILE, RunPlan, build_record, plan_run, save_plan
 from targets import link_or_copy, open_target
 
 EXIT_DONE = 3
@@ -105,8 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         s = load_settings()
         if args.command == "plan":
+            handing_on = os.environ.get(INHERITED) == "1"  # trainer.sh starts this run next: its prep takes the plan
+            if handing_on:
+                save_plan(s, None)
             plan = plan_run(s)
             print(f"this run: {plan.describe()}")
+            if handing_on and not plan.done:
+                save_plan(s, plan)
             return EXIT_DONE if plan.done else 0
         if args.command == "pause":
             if not s.space_id:

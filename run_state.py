@@ -316,6 +316,34 @@ def plan_run(s: Settings) -> RunPlan:
     return plan
 
 
+PLAN_FILE = "plan.json"  # in WORK_DIR: the plan trainer.sh made for the run it is starting
+
+
+def save_plan(s: Settings, plan: RunPlan | None) -> None:
+    """Hand `plan` to this run's prep (trainer.sh runs `publish.py plan`, under the output locks,
+    right before it), so the record is read and the plan made once per run. None: hand on nothing
+    (planning is about to start, and a plan that fails must not leave an older one to be taken)."""
+    path = Path(s.work_dir) / PLAN_FILE
+    if plan is None:
+        path.unlink(missing_ok=True)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = path.with_name(PLAN_FILE + ".tmp")
+    staged.write_text(json.dumps(plan.to_json()))
+    staged.replace(path)
+
+
+def this_runs_plan(s: Settings, handed_on: bool) -> RunPlan:
+    """The plan handed on by `save_plan` when there is one (`handed_on`: run by trainer.sh, which
+    made it), taken so that no later run reuses it; else the plan made now from the record."""
+    path = Path(s.work_dir) / PLAN_FILE
+    if handed_on and path.exists():
+        plan = RunPlan.from_json(json.loads(path.read_text()))
+        path.unlink()
+        return plan
+    return plan_run(s)
+
+
 def build_record(s: Settings, plan: RunPlan, manifest: dict[str, Any], metrics: dict[str, Any],
                  previous: dict[str, Any] | None) -> dict[str, Any]:
     """The new training_state.json: this run appended to the history, and what the next run does."""

@@ -109,3 +109,20 @@ def test_a_plan_handed_on_by_another_version_fails_at_the_boundary():
         RunPlan.from_json({**plan.to_json(), "colour": "red"})
     with pytest.raises(ValueError, match=r"missing \['target'\]"):
         RunPlan.from_json({k: v for k, v in plan.to_json().items() if k != "target"})
+
+
+def test_the_plan_is_made_once_per_run_and_taken_once(tmp_path):
+    """trainer.sh plans the run (publish.py plan) and its prep takes that plan instead of reading the
+    record again; a plan is taken once, and planning anew first drops the plan handed on before."""
+    from run_state import PLAN_FILE, RunPlan, save_plan, this_runs_plan
+
+    s = settings(tmp_path, WORK_DIR=str(tmp_path / "work"))
+    handed = RunPlan("pretrain", 5, "somewhere", "elsewhere", base="abc")  # not what the record says
+    save_plan(s, handed)
+    assert this_runs_plan(s, handed_on=False).shard == 0  # prep run alone plans from the record
+    assert this_runs_plan(s, handed_on=True) == handed
+    assert not (tmp_path / "work" / PLAN_FILE).exists()
+    assert this_runs_plan(s, handed_on=True).shard == 0  # nothing handed on: planned now
+    save_plan(s, handed)
+    save_plan(s, None)
+    assert this_runs_plan(s, handed_on=True).shard == 0
