@@ -124,7 +124,7 @@ def rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
 
 def llama_config(var: str, spec: str, src: Path) -> dict[str, Any]:
     """The config.json in `src` (what setting `var` = `spec` names), which must describe a Llama."""
-    from config import BadInput
+    from errors import BadInput
 
     try:
         cfg = json.loads((src / "config.json").read_text())

@@ -15,7 +15,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from config import RunFailure, Settings
+from config import Settings
+from errors import RunFailure
 from hub import PublishConflict
 from run_state import RECORD_FORMAT, STATE_FILE, RunPlan
 from targets import Published, link_or_copy, open_target

@@ -15,6 +15,11 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+import status_page
+from config import Settings
+from tracking import log_validation_loss
+from train_control import StopRequested, all_ranks_max, check_stop, log
+
 EVAL_STATE = "eval_state.json"
 BEST_WEIGHTS = "best_weights.safetensors"
 EVALS_PER_SHARD = 4  # EVAL_INTERVAL unset: this many evaluations over a shard, the last at its end
@@ -162,3 +167,93 @@ def samples(model, tok, chat: bool, max_new_tokens: int = 24) -> list[dict[str, 
     finally:
         model.train(was_training)
     return out
+
+
+# --- wired to the trainer ---------------------------------------------------------------------------
+
+
+def validation_loss(model, dataset, collator, batch_size: int, precision: str) -> float:
+    """Mean next-token cross-entropy per label token over `dataset` (the same measure before and after
+    training; Trainer.evaluate cannot run on a ZeRO-2 engine before training has built it)."""
+    import torch
+
+    device = next(model.parameters()).device
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        for i in range(0, len(dataset), batch_size):
+            check_stop()  # a large validation set takes minutes: a stop request must not wait for it
+            batch = collator([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))])
+            batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            n = int((batch["labels"][:, 1:] != -100).sum())
+            if n:
+                total += float(model(**batch, use_cache=False).loss) * n
+                count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def make_evaluator(s: Settings, trainer, tok, work: Path, manifest: dict[str, Any], precision: str, budget):
+    """The evaluation during training (evaluation.py) wired to this trainer: the validation loss of
+    the model as it trains (a stop request during it, on any rank, cuts it short everywhere), the
+    best weights kept by rank 0, each evaluation reported (TensorBoard eval/loss, the status page,
+    sample generations) by rank 0. None when EVAL_INTERVAL=0."""
+    import torch.distributed as dist
+
+    interval = interval_for(s.eval_interval, s.shard_steps or epoch_steps(trainer))
+    if interval == 0:
+        return None
+    model = trainer.accelerator.unwrap_model(trainer.model_wrapped)
+    rank0 = trainer.is_world_process_zero()
+
+    def measure() -> float | None:
+        try:
+            loss, stopped = validation_loss(model, trainer.eval_dataset, trainer.data_collator, trainer.args.per_device_eval_batch_size, precision), 0.0
+        except StopRequested:
+            loss, stopped = math.nan, 1.0
+        if dist.is_available() and dist.is_initialized():
+            (stopped,) = all_ranks_max([stopped])
+        return None if stopped else loss
+
+    def save_best(path: Path) -> None:
+        if rank0:
+            save_trainable(model, path)
+
+    def report(step: int, loss: float) -> None:
+        if not rank0:
+            return
+        status_page.emit("eval", tokens=int(trainer.state.num_input_tokens_seen), loss=loss)
+        log_validation_loss(trainer, s, work, manifest, step, loss, samples(model, tok, manifest["plan"]["stage"] == "instruct"))
+
+    evaluator = Evaluator(interval, s.early_stopping_patience, s.best_model, measure, save_best,
+                          lambda path: load_trainable(model, path), work, log)
+    trainer.evaluator = budget.evaluator = evaluator
+    budget.on_eval = report
+    log(f"evaluating every {interval} steps" + (f", early stopping after {s.early_stopping_patience} evaluations without "
+        "improvement" if s.early_stopping_patience else "") + ("; the published model is the best evaluation's"
+                                                                if s.best_model else ""))
+    return evaluator
+
+
+def best_of_shard(evaluator, budget, trainer, model, last: float, s: Settings, precision: str):
+    """The shard's final evaluation joined to those during training; the best weights put back when
+    an earlier evaluation beat the last step (BEST_MODEL). Returns the published model's validation
+    loss and what the history says of the evaluations."""
+    step = trainer.state.global_step
+    if not evaluator.evals or evaluator.evals[-1][0] != step:
+        evaluator.record(step, last)
+    after = last
+    if evaluator.restore_best(step):
+        after = validation_loss(model, trainer.eval_dataset, trainer.data_collator, trainer.args.per_device_eval_batch_size, precision)
+        log(f"the published model is the best evaluation's: step {evaluator.best_step}, validation loss {after:.4f} "
+            f"(the last step's: {last:.4f})")
+    return after, {**evaluator.summary(), "last_step_eval_loss": last}
+
+
+def epoch_steps(trainer) -> int:
+    """The optimizer steps of EPOCHS passes over the shard, as the trainer counts them."""
+    batches = len(trainer.get_train_dataloader())
+    ga = trainer.args.gradient_accumulation_steps
+    return math.ceil(trainer.args.num_train_epochs * max(batches // ga + int(batches % ga > 0), 1))

@@ -13,7 +13,8 @@ import shutil
 import time
 from pathlib import Path
 
-from config import BadInput, RunFailure, Settings
+from config import Settings
+from errors import BadInput, RunFailure
 from run_state import STATE_FILE
 
 _HUBS: dict[int, "Hub"] = {}

@@ -27,7 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-from config import BadInput, RunFailure, Settings, failure_exit, load_settings, report
+from config import Settings, load_settings
+from errors import BadInput, RunFailure, failure_exit, report
 
 INHERITED = "TRAIN_LLAMA_LOCKED"  # set by trainer.sh: it holds the locks for this process tree
 

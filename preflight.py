@@ -25,7 +25,8 @@ from typing import Any, Callable
 
 import redact
 from architecture import count_parameters
-from config import EXIT_BAD_INPUT, BadInput, Settings, architecture, cpu_has_bf16, load_settings
+from config import Settings, architecture, cpu_has_bf16, load_settings
+from errors import EXIT_BAD_INPUT, BadInput
 from architecture import llama_config
 from hub import HubError
 from run_state import RunPlan, instruct_target, plan_run
@@ -71,8 +72,8 @@ def check_data(s: Settings, plan: RunPlan) -> Check:
     """The dataset of this run's stage: readable, non-empty, expected columns, first rows well formed."""
     import datasets
 
-    from prep import shard_bounds, to_messages
-    from sources import Corpus, parse_sources
+    from tokenizer import to_messages
+    from sources import Corpus, parse_sources, shard_bounds
 
     datasets.disable_progress_bars()
 

@@ -1,4 +1,4 @@
-"""Stage 4: publish a finished run, and the command line for the run state.
+"""Stage 3: publish a finished run, and the command line for the run state.
 
     python3 publish.py plan      # say what the next run will do; exit 0 = work to do, 3 = pipeline done
     python3 publish.py publish   # publish work/final (model, tokenizer, card, state) and advance the state,
@@ -22,7 +22,8 @@ from typing import Any
 import redact
 import status_page
 import util
-from config import Settings, failure_exit, load_settings, quiet_disk_full_in_threads
+from config import Settings, load_settings
+from errors import failure_exit, quiet_disk_full_in_threads
 from delivery import publish_checkpoint, read_manifest, refuse_non_finite, unchanged_since
 from hub import retries_made
 from output_lock import INHERITED

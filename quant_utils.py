@@ -20,7 +20,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from config import BadInput, Settings, bnb_config, lora_config
+from config import Settings, bnb_config, lora_config
+from errors import BadInput
 
 # safetensors dtype names -> torch names
 _DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "U8": "uint8", "I8": "int8"}

@@ -26,7 +26,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from config import BadInput, Settings
+from config import Settings
+from errors import BadInput
 
 STATE_FILE = "training_state.json"
 RECORD_FORMAT = 1  # the newest record format this version reads and writes
@@ -130,6 +131,33 @@ def _torch_archive_problem(path: Path) -> str | None:
     return f"damaged (member {bad} fails its checksum)" if bad else None
 
 
+def _deepspeed_problems(ckpt: Path, step: int) -> list[str]:
+    """What is wrong with DeepSpeed's part of the checkpoint: `latest` naming global_step<step>/,
+    which holds readable model and optimizer states."""
+    problems: list[str] = []
+    try:
+        tag = (ckpt / "latest").read_text().strip()
+    except (FileNotFoundError, UnicodeDecodeError) as e:
+        problems.append(f"latest (DeepSpeed's tag file) is {'missing' if isinstance(e, FileNotFoundError) else 'not text'}")
+        tag = None
+    if tag is not None:
+        if not re.fullmatch(r"global_step\d+", tag):
+            problems.append(f"latest names {tag[:40]!r}, not a global_step<N> folder")
+        elif not (ckpt / tag).is_dir():
+            problems.append(f"latest names {tag}/, which is missing")
+        else:
+            if tag != f"global_step{step}":
+                problems.append(f"latest names {tag}/, the record says step {step}")
+            parts = [ckpt / tag / "mp_rank_00_model_states.pt", *sorted((ckpt / tag).glob("*_optim_states.pt"))]
+            if len(parts) == 1:
+                problems.append(f"{tag}/ has no optimizer states (*_optim_states.pt)")
+            for part in parts:
+                why = _torch_archive_problem(part)
+                if why:
+                    problems.append(f"{part.relative_to(ckpt)} is {why}")
+    return problems
+
+
 def validate_checkpoint(ckpt: Path, step: int, where: str) -> None:
     """The full-state checkpoint the record says to resume at `step` is complete and readable: the
     trainer state at that step, DeepSpeed's `latest` tag naming an existing global_step folder with
@@ -166,26 +194,7 @@ def validate_checkpoint(ckpt: Path, step: int, where: str) -> None:
             problems.append(f"trainer_state.json is at step {got}, the record says {step}")
     json_of("data_order.json", list)
     json_of("tokenizer.json", dict)
-    try:
-        tag = (ckpt / "latest").read_text().strip()
-    except (FileNotFoundError, UnicodeDecodeError) as e:
-        problems.append(f"latest (DeepSpeed's tag file) is {'missing' if isinstance(e, FileNotFoundError) else 'not text'}")
-        tag = None
-    if tag is not None:
-        if not re.fullmatch(r"global_step\d+", tag):
-            problems.append(f"latest names {tag[:40]!r}, not a global_step<N> folder")
-        elif not (ckpt / tag).is_dir():
-            problems.append(f"latest names {tag}/, which is missing")
-        else:
-            if tag != f"global_step{step}":
-                problems.append(f"latest names {tag}/, the record says step {step}")
-            parts = [ckpt / tag / "mp_rank_00_model_states.pt", *sorted((ckpt / tag).glob("*_optim_states.pt"))]
-            if len(parts) == 1:
-                problems.append(f"{tag}/ has no optimizer states (*_optim_states.pt)")
-            for part in parts:
-                why = _torch_archive_problem(part)
-                if why:
-                    problems.append(f"{part.relative_to(ckpt)} is {why}")
+    problems += _deepspeed_problems(ckpt, step)
     rng = [p.name for p in sorted(ckpt.glob("rng_state*.pth"))] or ["rng_state.pth"]
     for name in ("scheduler.pt", *rng):
         why = _torch_archive_problem(ckpt / name)

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from config import BadInput
+from errors import BadInput
 
 FIELDS = ("path", "weight", "text_column", "split")
 
@@ -400,3 +400,12 @@ def open_rows(spec: str, var: str, split: str, token: str | None = None):
 
 def _contiguous(rows) -> bool:
     return len(rows) > 0 and int(rows[-1]) - int(rows[0]) + 1 == len(rows)
+
+
+def shard_bounds(n_rows: int, shard: int, shard_size: int, var: str) -> tuple[int, int, int]:
+    """(start, end, shards_total) of `shard`; an index past the end is bad input."""
+    total = math.ceil(n_rows / shard_size)
+    if shard >= total:
+        raise BadInput([f"INIT={shard}: {var} has {n_rows} rows, so only {total} shard(s) of SHARD_SIZE={shard_size} "
+                        f"(INIT 0..{total - 1}). Fix: a smaller INIT, or unset INIT to follow the record."])
+    return shard * shard_size, min(n_rows, (shard + 1) * shard_size), total

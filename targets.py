@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from config import BadInput, Settings
+from config import Settings
+from errors import BadInput
 from files import link_or_copy, old, recover, replacing
 from run_state import STATE_FILE, validate_record
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -53,18 +54,19 @@ def default_model(tmp: Path) -> Path:
 
 def meta_layout(state: dict, cfg: dict) -> dict:
     """The model's weights in Meta's names and interleaved rotary layout (convert.py's inverse)."""
-    import convert
+    import gguf_export
+    import layouts
 
-    inverse = {hf: meta for meta, (hf, _) in convert.META_TO_HF.items()}
+    inverse = {hf: meta for meta, (hf, _) in layouts.META_TO_HF.items()}
     out = {}
     for k, v in state.items():
-        pattern = convert.re.sub(r"^model\.layers\.\d+\.", "model.layers.{i}.", k)
-        i = convert.re.match(r"^model\.layers\.(\d+)\.", k)
+        pattern = re.sub(r"^model\.layers\.\d+\.", "model.layers.{i}.", k)
+        i = re.match(r"^model\.layers\.(\d+)\.", k)
         name = inverse[pattern].format(i=i.group(1)) if i else inverse[pattern]
         if k.endswith("q_proj.weight"):
-            v = convert.unpermute_rope(v, cfg["num_attention_heads"])
+            v = gguf_export.unpermute_rope(v, cfg["num_attention_heads"])
         elif k.endswith("k_proj.weight"):
-            v = convert.unpermute_rope(v, cfg["num_key_value_heads"])
+            v = gguf_export.unpermute_rope(v, cfg["num_key_value_heads"])
         out[name] = v.clone()
     return out
 
@@ -91,12 +93,12 @@ engine.save_checkpoint(out, tag="global_step1")
 
 
 def logit_diff(model_dir: Path, reference, ids) -> float:
-    import convert
+    import layouts
 
     import torch
 
     with torch.no_grad():
-        return float((convert.hf_model(model_dir)(ids).logits - reference).abs().max())
+        return float((layouts.hf_model(model_dir)(ids).logits - reference).abs().max())
 
 
 def run_convert(*args: str) -> dict:
@@ -123,15 +125,15 @@ def main(argv: list[str] | None = None) -> int:
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
 
-    import convert
+    import layouts
 
     transformers.utils.logging.set_verbosity_error()
     tmp = Path(tempfile.mkdtemp(prefix="bench-convert-"))
     model_dir = Path(args.model) if args.model else default_model(tmp)
     cfg = json.loads((model_dir / "config.json").read_text())
     state = load_file(model_dir / "model.safetensors")
-    ids = convert.probe_ids(cfg["vocab_size"])
-    source = convert.hf_model(model_dir)
+    ids = layouts.probe_ids(cfg["vocab_size"])
+    source = layouts.hf_model(model_dir)
     with torch.no_grad():
         reference = source(ids).logits
     diffs = {}
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in range(2):
         part = {}
         for k, v in layout.items():
-            dim = convert.META_TO_HF[convert.re.sub(r"^layers\.\d+\.", "layers.{i}.", k)][1]
+            dim = layouts.META_TO_HF[re.sub(r"^layers\.\d+\.", "layers.{i}.", k)][1]
             part[k] = v if dim is None else v.chunk(2, dim=dim)[r].clone()
         torch.save(part, meta / f"consolidated.{r:02d}.pth")
     run_convert("meta", str(meta), str(tmp / "from-meta"))

@@ -92,7 +92,8 @@ def measure(case: str, model_dir: str, batch: int, seq: int, steps: int, checkpo
 
     import train
     from config import load_settings
-    from prep import to_dataset, train_tokenizer
+    from prep import to_dataset
+    from tokenizer import train_tokenizer
 
     transformers.utils.logging.set_verbosity_error()
     datasets.disable_progress_bars()

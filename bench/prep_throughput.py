@@ -57,7 +57,8 @@ def stdlib_docs() -> list[str]:
 
 
 def measure(base: list[str], mb: float, max_length: int) -> dict:
-    from prep import pack, to_dataset, tokenize_texts, train_tokenizer
+    from prep import pack, to_dataset, tokenize_texts
+    from tokenizer import train_tokenizer
 
     texts, size = [], 0
     while size < mb * 1e6:

@@ -54,7 +54,8 @@ def merge_fidelity(args, work: Path) -> dict:
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     from config import architecture, load_settings
-    from prep import pack, tokenize_texts, train_tokenizer
+    from prep import pack, tokenize_texts
+    from tokenizer import train_tokenizer
     from quant_utils import add_lora, convert, dequantized_weight, to_float
 
     texts = [json.loads(line)["text"] for line in (ROOT / "data" / "pretrain.jsonl").open()]

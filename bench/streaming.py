@@ -22,7 +22,6 @@ import random
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     import pyarrow.parquet as pq
 
     from hub_double import HubDouble
-    from prep import train_tokenizer
+    from tokenizer import train_tokenizer
 
     base = [json.loads(line)["text"] for line in (ROOT / "data" / "pretrain.jsonl").open()]
     rnd = random.Random(0)

@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import LlamaConfig, LlamaForCausalLM
     import train
     from config import load_settings, resolve_precision
-    from prep import pack, to_dataset, tokenize_texts, train_tokenizer
+    from prep import pack, to_dataset, tokenize_texts
+    from tokenizer import train_tokenizer
 
     datasets.disable_progress_bars()
     transformers.utils.logging.set_verbosity_error()

@@ -7,13 +7,13 @@ from types import SimpleNamespace
 
 import pytest
 
-import train
+import train_control
 from config import load_settings
 
 
-def _periodic(tmp_path, checkpoint_bytes: int, **env: str) -> train.PeriodicCheckpoint:
+def _periodic(tmp_path, checkpoint_bytes: int, **env: str) -> train_control.PeriodicCheckpoint:
     s = load_settings({"WORK_DIR": str(tmp_path / "work"), **env})
-    return train.PeriodicCheckpoint(s, tmp_path / "work", str(tmp_path / "out"), checkpoint_bytes,
+    return train_control.PeriodicCheckpoint(s, tmp_path / "work", str(tmp_path / "out"), checkpoint_bytes,
                                     metrics=lambda state: {}, rank0=False)
 
 
@@ -32,7 +32,7 @@ def test_save_interval_is_minutes_of_training_and_zero_is_off(tmp_path):
 
 def test_a_checkpoint_is_due_after_the_interval_and_never_while_one_is_uploading(tmp_path, monkeypatch):
     clock = [1000.0]
-    monkeypatch.setattr(train.time, "time", lambda: clock[0])
+    monkeypatch.setattr(train_control.time, "time", lambda: clock[0])
     p = _periodic(tmp_path, 10**6, SAVE_INTERVAL="1")
     p.begin()
     clock[0] += 59 - p.cost_s  # the save starts early by its estimated cost
@@ -53,7 +53,7 @@ def test_the_interval_runs_from_the_checkpoints_step_less_what_saving_and_publis
     the publish: the next save is due the interval after the last checkpoint's step, less what the
     last save and publish took."""
     clock = [1000.0]
-    monkeypatch.setattr(train.time, "time", lambda: clock[0])
+    monkeypatch.setattr(train_control.time, "time", lambda: clock[0])
     p = _periodic(tmp_path, 10**6, SAVE_INTERVAL="1")
     p.saving(5)
     clock[0] += 3  # the save
@@ -71,7 +71,7 @@ def test_the_interval_runs_from_the_checkpoints_step_less_what_saving_and_publis
 
 def test_a_slow_save_stretches_the_automatic_interval_not_a_chosen_one(tmp_path, monkeypatch):
     clock = [1000.0]
-    monkeypatch.setattr(train.time, "time", lambda: clock[0])
+    monkeypatch.setattr(train_control.time, "time", lambda: clock[0])
     ckpt = tmp_path / "checkpoint-5"
     for env, expect in (({}, 60 / 0.05), ({"SAVE_INTERVAL": "2"}, 120)):
         p = _periodic(tmp_path, 10**6, **env)
@@ -92,8 +92,8 @@ def _step(cb, step: int, max_steps: int = 100):
 
 
 def test_max_steps_stops_the_run_counting_from_the_step_it_resumed_at(monkeypatch):
-    monkeypatch.setitem(train.STOP, "signal", None)
-    cb = train.make_budget_callback(started=0.0, until=1e12, run_steps=3)
+    monkeypatch.setitem(train_control.STOP, "signal", None)
+    cb = train_control.make_budget_callback(started=0.0, until=1e12, run_steps=3)
     cb.on_train_begin(_Args(), SimpleNamespace(global_step=40), None)
     assert not _step(cb, 42).should_training_stop
     c = _step(cb, 43)
@@ -101,10 +101,10 @@ def test_max_steps_stops_the_run_counting_from_the_step_it_resumed_at(monkeypatc
 
 
 def test_the_last_step_of_a_shard_is_never_a_stop_nor_a_periodic_save(monkeypatch, tmp_path):
-    monkeypatch.setitem(train.STOP, "signal", None)
+    monkeypatch.setitem(train_control.STOP, "signal", None)
     p = _periodic(tmp_path, 10**6, SAVE_INTERVAL="0.0001")
     p.mark = 0
-    cb = train.make_budget_callback(started=0.0, until=0.0, run_steps=1, periodic=p)  # out of time, too
+    cb = train_control.make_budget_callback(started=0.0, until=0.0, run_steps=1, periodic=p)  # out of time, too
     cb.on_train_begin(_Args(), SimpleNamespace(global_step=99), None)
     p.mark = 0
     c = _step(cb, 100, max_steps=100)
@@ -112,9 +112,9 @@ def test_the_last_step_of_a_shard_is_never_a_stop_nor_a_periodic_save(monkeypatc
 
 
 def test_a_due_checkpoint_saves_without_stopping(monkeypatch, tmp_path):
-    monkeypatch.setitem(train.STOP, "signal", None)
+    monkeypatch.setitem(train_control.STOP, "signal", None)
     p = _periodic(tmp_path, 10**6, SAVE_INTERVAL="0.0001")
-    cb = train.make_budget_callback(started=0.0, until=1e12, periodic=p)
+    cb = train_control.make_budget_callback(started=0.0, until=1e12, periodic=p)
     cb.on_train_begin(_Args(), SimpleNamespace(global_step=0), None)
     p.mark = 0
     c = _step(cb, 7)

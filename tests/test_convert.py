@@ -5,6 +5,7 @@ the source computes; and every mismatch named, with exit 2 and nothing written."
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,8 @@ import torch
 from conftest import ROOT
 
 import convert
+import gguf_export
+import layouts
 
 TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, max_position_embeddings=64, rms_norm_eps=1e-5,
@@ -72,8 +75,8 @@ def write_meta(d: Path, state: dict, shards: int = 1, params: dict | None = None
     for r in range(shards):
         part = {}
         for k, v in state.items():
-            pattern = convert.re.sub(r"^layers\.\d+\.", "layers.{i}.", k)
-            dim = convert.META_TO_HF.get(pattern, (None, None))[1]
+            pattern = re.sub(r"^layers\.\d+\.", "layers.{i}.", k)
+            dim = layouts.META_TO_HF.get(pattern, (None, None))[1]
             part[k] = v if dim is None else v.chunk(shards, dim=dim)[r].clone()
         part["rope.freqs"] = torch.zeros(8)  # a buffer Meta's files carry: dropped
         torch.save(part, d / f"consolidated.{r:02d}.pth")
@@ -229,7 +232,7 @@ def test_the_check_catches_a_wrong_conversion(tmp_path, monkeypatch, capsys):
     """Without the q/k permutation the weights load and have every right shape, but compute another
     model: the logit check refuses it (exit 1) and nothing is written."""
     src = write_meta(tmp_path / "meta", to_meta_layout(hf_tiny()))
-    monkeypatch.setattr(convert, "permute_rope", lambda w, heads: w)
+    monkeypatch.setattr(layouts, "permute_rope", lambda w, heads: w)
     assert convert.main(["meta", str(src), str(tmp_path / "hf")]) == 1
     assert "from the source's (more than 1e-05)" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists() and not (tmp_path / "hf.converting").exists()
@@ -237,7 +240,7 @@ def test_the_check_catches_a_wrong_conversion(tmp_path, monkeypatch, capsys):
 
 def hf_dir_with_tokenizer(tmp_path: Path, tied: bool = True) -> tuple[Path, object]:
     """A tiny Llama saved as the pipeline publishes it: bf16 weights, our trained tokenizer and template."""
-    from prep import train_tokenizer
+    from tokenizer import train_tokenizer
 
     texts = [json.loads(line)["text"] for line in (ROOT / "data" / "pretrain.jsonl").open() if line.strip()][:300]
     tok = train_tokenizer(texts, TINY["vocab_size"] + 200, 64)
@@ -261,24 +264,24 @@ def test_gguf_holds_every_tensor_and_the_tokenizer(tmp_path, qtype):
     out = tmp_path / f"m-{qtype}.gguf"
     assert convert.main(["gguf", str(src), str(out), "--type", qtype]) == 0
     reader = gguf.GGUFReader(str(out))
-    assert convert.gguf_string(reader, "general.architecture") == "llama"
-    assert convert.gguf_string(reader, "tokenizer.ggml.model") == "gpt2"
-    assert convert.gguf_string(reader, "tokenizer.ggml.pre") == "gpt-2"
-    assert convert.gguf_string(reader, "tokenizer.chat_template") == (src / "chat_template.jinja").read_text()
+    assert gguf_export.gguf_string(reader, "general.architecture") == "llama"
+    assert gguf_export.gguf_string(reader, "tokenizer.ggml.model") == "gpt2"
+    assert gguf_export.gguf_string(reader, "tokenizer.ggml.pre") == "gpt-2"
+    assert gguf_export.gguf_string(reader, "tokenizer.chat_template") == (src / "chat_template.jinja").read_text()
     vocab = tok.get_vocab()
-    tokens = convert.gguf_strings(reader, "tokenizer.ggml.tokens")
+    tokens = gguf_export.gguf_strings(reader, "tokenizer.ggml.tokens")
     assert len(tokens) == len(tok) and all(tokens[i] == t for t, i in vocab.items())
     field = reader.fields["tokenizer.ggml.token_type"]
     types = [int(field.parts[i][0]) for i in field.data]
     assert types[tok.eos_token_id] == gguf.TokenType.CONTROL and types[vocab["Ġthe"]] == gguf.TokenType.NORMAL
     merges = json.loads((src / "tokenizer.json").read_text())["model"]["merges"]
-    assert convert.gguf_strings(reader, "tokenizer.ggml.merges") == [" ".join(m) if isinstance(m, list) else m for m in merges]
+    assert gguf_export.gguf_strings(reader, "tokenizer.ggml.merges") == [" ".join(m) if isinstance(m, list) else m for m in merges]
     eos = reader.fields["tokenizer.ggml.eos_token_id"]
     assert int(eos.parts[eos.data[0]][0]) == tok.eos_token_id
     source = load_file(src / "model.safetensors")
     by_name = {t.name: t for t in reader.tensors}
     H, KV = TINY["num_attention_heads"], TINY["num_key_value_heads"]
-    for hf_name, gg_name in convert.gguf_tensor_names(TINY["num_hidden_layers"]).items():
+    for hf_name, gg_name in gguf_export.gguf_tensor_names(TINY["num_hidden_layers"]).items():
         if hf_name not in source:
             assert gg_name not in by_name  # a tied head is not written twice
             continue

@@ -19,7 +19,8 @@ import pytest
 from conftest import ROOT, finish, make_env, py, run, start_trainer, wait_for
 from hub_double import HubDouble
 
-from config import BadInput, SettingsError, load_settings
+from config import SettingsError, load_settings
+from errors import BadInput
 
 TOKEN = "hf_hardeningWriteToken0123456789abc"
 
@@ -266,7 +267,7 @@ def test_a_config_that_is_not_json_is_bad_input(tiny_model):
 
 
 def test_a_damaged_tokenizer_is_bad_input(tmp_path):
-    from prep import load_tokenizer
+    from tokenizer import load_tokenizer
 
     (tmp_path / "tokenizer.json").write_text('{"model": ')
     (tmp_path / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast"}')
@@ -332,9 +333,10 @@ def test_train_refuses_to_save_a_diverged_model(tiny_model):
 
 def test_evaluation_stops_at_the_next_batch_when_a_stop_is_requested(tiny_model, monkeypatch):
     import torch
-    from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling
+    from transformers import AutoModelForCausalLM
 
-    import train
+    import evaluation
+    import train_control
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     rows = [{"input_ids": list(range(1, 17)), "labels": list(range(1, 17))} for _ in range(64)]
@@ -345,11 +347,11 @@ def test_evaluation_stops_at_the_next_batch_when_a_stop_is_requested(tiny_model,
         ids = torch.tensor([r["input_ids"] for r in batch])
         return {"input_ids": ids, "labels": ids}
 
-    assert train.validation_loss(model, rows, collate, 8, "fp32") > 0 and len(seen) == 8
-    monkeypatch.setitem(train.STOP, "signal", "SIGTERM")
+    assert evaluation.validation_loss(model, rows, collate, 8, "fp32") > 0 and len(seen) == 8
+    monkeypatch.setitem(train_control.STOP, "signal", "SIGTERM")
     seen.clear()
-    with pytest.raises(train.StopRequested):
-        train.validation_loss(model, rows, collate, 8, "fp32")
+    with pytest.raises(train_control.StopRequested):
+        evaluation.validation_loss(model, rows, collate, 8, "fp32")
     assert seen == []  # not one more batch
 
 
@@ -586,7 +588,7 @@ DISK_FULL = {
 
 @pytest.mark.parametrize("error,where", DISK_FULL.values(), ids=DISK_FULL.keys())
 def test_a_full_disk_is_recognised_however_it_is_raised(error, where, capsys):
-    from config import disk_full, failure_exit
+    from errors import disk_full, failure_exit
 
     assert where in disk_full(error)
     assert failure_exit(error) == 1
@@ -597,7 +599,7 @@ def test_a_full_disk_is_recognised_however_it_is_raised(error, where, capsys):
 def test_a_full_disk_in_a_background_thread_is_one_line_not_a_traceback(monkeypatch, capsys):
     import threading
 
-    from config import quiet_disk_full_in_threads
+    from errors import quiet_disk_full_in_threads
 
     passed_on = []
     monkeypatch.setattr(threading, "excepthook", passed_on.append)  # the hook before ours; restored after the test
@@ -617,7 +619,7 @@ def test_a_full_disk_in_a_background_thread_is_one_line_not_a_traceback(monkeypa
 
 
 def test_other_errors_are_not_a_full_disk():
-    from config import disk_full
+    from errors import disk_full
 
     assert disk_full(OSError(13, "Permission denied", "/x")) is None and disk_full(ValueError("28 files")) is None
 
@@ -838,7 +840,8 @@ def test_preflight_calls_a_hub_that_does_not_answer_an_outage_not_bad_input(tmp_
 def test_a_chat_template_that_fails_is_bad_input():
     from transformers import PreTrainedTokenizerFast
 
-    from prep import train_tokenizer, tokenize_chats
+    from prep import tokenize_chats
+    from tokenizer import train_tokenizer
 
     tok = train_tokenizer(["hello there, how are you"] * 50, 300, 64)
     assert isinstance(tok, PreTrainedTokenizerFast)

@@ -295,7 +295,7 @@ def test_derived_buffers_are_ignored_and_a_tied_source_feeds_an_untied_head(tmp_
 def test_transformers_pipeline_chats_with_our_model():
     from transformers import pipeline
 
-    from prep import train_tokenizer
+    from tokenizer import train_tokenizer
 
     tok = train_tokenizer(["a baker bakes bread every day", "the cat sleeps on the mat"] * 50, 300, 128)
     cfg = make_config(arch={"vocab_size": len(tok)})

@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, py, run, tree_digest
-from config import BadInput
-from prep import (CHAT_TEMPLATE, EOS, pack, shard_bounds, split_indices, to_messages, tokenize_chats, train_tokenizer)
+from errors import BadInput
+from prep import pack, split_indices, tokenize_chats
+from sources import shard_bounds
+from tokenizer import CHAT_TEMPLATE, EOS, to_messages, train_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +135,7 @@ def _fake_published_model(dst: Path) -> None:
     """A minimal published model directory (config + weights) for stages that continue from one."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from prep import train_tokenizer as tt
+    from tokenizer import train_tokenizer as tt
 
     tok = tt(["hello world"] * 10, 300, 64)
     LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1,

@@ -11,14 +11,15 @@ import pytest
 import torch
 
 from conftest import py, run, tree_digest
-from config import BadInput, load_settings
+from config import load_settings
+from errors import BadInput
 from quant_utils import add_lora, checkpoint_format, convert, to_float, verify_checkpoint
 
 
 def _tiny_model(dst: Path, dtype=torch.bfloat16, tie=True) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from prep import train_tokenizer
+    from tokenizer import train_tokenizer
 
     torch.manual_seed(0)
     tok = train_tokenizer(["the cat says meow and the dog says woof"] * 20, 300, 64)

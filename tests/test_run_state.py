@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from config import BadInput, load_settings
+from config import load_settings
+from errors import BadInput
 from run_state import STATE_FILE, build_record, next_after, plan_run
 from files import recover, swap_in
 

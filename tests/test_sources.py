@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, py, run
-from config import BadInput, SettingsError, load_settings
+from config import SettingsError, load_settings
+from errors import BadInput
 from sources import Corpus, Source, parse_sources
 
 
@@ -96,7 +97,7 @@ def test_one_source_reads_in_its_own_order(two):
 
 
 def test_chats_from_sources_with_different_columns(tmp_path):
-    from prep import to_messages
+    from tokenizer import to_messages
 
     a = _jsonl(tmp_path / "a.jsonl", [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]}
                                        for i in range(50)])

@@ -18,7 +18,8 @@ def parts(tmp_path_factory):
     from datasets import Dataset
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from prep import pack, tokenize_texts, train_tokenizer
+    from prep import pack, tokenize_texts
+    from tokenizer import train_tokenizer
 
     texts = [f"the baker bakes {i} loaves of bread every morning before the shop opens" for i in range(40)]
     tok = train_tokenizer(texts, 300, 32)
