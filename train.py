@@ -25,14 +25,14 @@ from typing import Any
 
 import redact
 import status_page
+from config import Settings, deepspeed_config, load_settings, resolve_precision  # first: it quiets bitsandbytes' import
+from errors import EXIT_BAD_INPUT, BadInput, failure_exit, quiet_disk_full_in_threads, report
+from evaluation import best_of_shard, epoch_steps, make_evaluator, validation_loss
 from files import link_or_copy, replacing
+from tracking import configure_trackers, finish_trackers, log_validation_loss, tensorboard_run
 from train_control import (PeriodicCheckpoint, StopRequested, _on_signal, die_with_parent, log, make_budget_callback,
                            make_status_callback)
-from evaluation import best_of_shard, epoch_steps, make_evaluator, validation_loss
-from tracking import configure_trackers, finish_trackers, log_validation_loss, tensorboard_run
 from util import run_started
-from config import Settings, deepspeed_config, load_settings, resolve_precision
-from errors import EXIT_BAD_INPUT, BadInput, failure_exit, quiet_disk_full_in_threads, report
 
 # Exit code of a run stopped (signal) before its first optimizer step: nothing to publish, the
 # state unchanged. trainer.sh says so and exits 3 itself.
