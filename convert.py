@@ -48,6 +48,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from config import SettingsError, load_settings  # first: importing config quiets bitsandbytes' import-time warning
 from errors import BadInput as PipelineBadInput  # the pipeline's settings and Hub errors are bad input too
 from gguf_export import convert_gguf
 from layouts import (DTYPES, MERGE_TOLERANCE, TOLERANCE, BadInput, CheckFailed, check, check_keys, expected_meta_keys,
@@ -154,7 +155,6 @@ class Pusher:
     and leaving the repo's other files; a local directory gets them swapped in the same way."""
 
     def __init__(self, target: str) -> None:
-        from config import SettingsError, load_settings
         from targets import open_target
 
         try:

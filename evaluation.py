@@ -18,7 +18,8 @@ from typing import Any, Callable
 import status_page
 from config import Settings
 from tracking import log_validation_loss
-from train_control import StopRequested, all_ranks_max, check_stop, log
+from stopping import StopRequested, check_stop
+from train_control import all_ranks_max, log
 
 EVAL_STATE = "eval_state.json"
 BEST_WEIGHTS = "best_weights.safetensors"

@@ -27,7 +27,7 @@ from errors import failure_exit, quiet_disk_full_in_threads
 from delivery import publish_checkpoint, read_manifest, refuse_non_finite, unchanged_since
 from hub import retries_made
 from output_lock import INHERITED
-from run_state import STATE_FILE, RunPlan, build_record, plan_run, save_plan
+from run_state import STATE_FILE, RunPlan, build_record, instruct_target, plan_run, save_plan
 from targets import link_or_copy, open_target
 
 EXIT_DONE = 3
@@ -39,6 +39,8 @@ def publish(s: Settings, work: Path) -> tuple[dict[str, Any], RunPlan]:
 
     manifest = read_manifest(work)
     plan = RunPlan.from_json(manifest["plan"])
+    for output in (s.output_repo, instruct_target(s)):  # a publish killed between its renames is finished first
+        open_target(output, s).recover()
     final = work / "final"
     metrics = json.loads((final / "metrics.json").read_text())
     if metrics.get("run_id") != manifest["run_id"]:
@@ -102,13 +104,15 @@ def summary(record: dict[str, Any], target: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="publish.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("command", choices=["plan", "publish", "pause"])
+    ap.add_argument("--hand-on", action="store_true", help="plan: write the plan to WORK_DIR/plan.json for the prep "
+                    "that runs next (trainer.sh, under its output locks)")
     args = ap.parse_args(argv)
     redact.install()
     quiet_disk_full_in_threads()
     try:
         s = load_settings()
         if args.command == "plan":
-            handing_on = os.environ.get(INHERITED) == "1"  # trainer.sh starts this run next: its prep takes the plan
+            handing_on = args.hand_on and os.environ.get(INHERITED) == "1"  # trainer.sh's prep takes it next
             if handing_on:
                 save_plan(s, None)
             plan = plan_run(s)

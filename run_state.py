@@ -259,8 +259,8 @@ class RunPlan:
         required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
         unknown, missing = sorted(set(data) - names), sorted(required - set(data))
         if unknown or missing:
-            raise ValueError(f"the run plan handed on is not this version's: unknown {unknown}, missing {missing}. "
-                             "Fix: run prep.py again (the pipeline's stages must come from one version).")
+            raise BadInput([f"the run plan handed on is not this version's: unknown {unknown}, missing {missing}. "
+                            "Fix: run prep.py again (the pipeline's stages must come from one version)."])
         return cls(**data)
 
 

@@ -17,11 +17,15 @@ import json
 import math
 import os
 import shutil
-import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import stopping
+
+if __name__ == "__main__":  # first thing, before the imports below (transformers: ~10 s): a stop during start-up is clean
+    stopping.install()
 
 import redact
 import status_page
@@ -30,8 +34,7 @@ from errors import EXIT_BAD_INPUT, BadInput, failure_exit, quiet_disk_full_in_th
 from evaluation import best_of_shard, epoch_steps, make_evaluator, validation_loss
 from files import link_or_copy, replacing
 from tracking import configure_trackers, finish_trackers, log_validation_loss, tensorboard_run
-from train_control import (PeriodicCheckpoint, StopRequested, _on_signal, die_with_parent, log, make_budget_callback,
-                           make_status_callback)
+from train_control import PeriodicCheckpoint, log, make_budget_callback, make_status_callback
 from util import run_started
 
 # Exit code of a run stopped (signal) before its first optimizer step: nothing to publish, the
@@ -286,7 +289,7 @@ def fit(s: Settings, work: Path) -> int:
         if evaluator is not None and resume:
             evaluator.read_from(prepared / "checkpoint")
         result = train_or_explain(trainer, budget, prepared, resume)
-    except StopRequested as e:
+    except stopping.StopRequested as e:
         log(f"stopped by {e} before the first training step: nothing to save; the published output and the state are "
             "unchanged")
         return EXIT_STOPPED
@@ -360,7 +363,7 @@ def evaluate_trained(s: Settings, trainer, budget, evaluator, precision: str) ->
     model = trainer.accelerator.unwrap_model(trainer.model_wrapped)
     try:
         after = validation_loss(model, trainer.eval_dataset, trainer.data_collator, trainer.args.per_device_eval_batch_size, precision)
-    except StopRequested:
+    except stopping.StopRequested:
         budget.stopped = "a stop signal"
         trainer._save_checkpoint(trainer.model_wrapped, trial=None)
         return None, {}
@@ -412,7 +415,7 @@ def train_or_explain(trainer, budget, prepared: Path, resume: dict[str, Any] | N
     damaged checkpoint could only fail the same way."""
     try:
         return trainer.train(resume_from_checkpoint=str(prepared / "checkpoint") if resume else None)
-    except StopRequested:
+    except stopping.StopRequested:
         raise
     except Exception as e:  # noqa: BLE001 - re-raised; only a load failure of the checkpoint is reworded
         if resume and not budget.began:
@@ -506,9 +509,7 @@ def save_final(model, tok, work: Path, precision: str, metrics: dict[str, Any]) 
 def main(argv: list[str] | None = None) -> int:
     redact.install()
     quiet_disk_full_in_threads()
-    for sig in (signal.SIGTERM, signal.SIGINT):  # first thing: a stop during start-up is a clean stop too
-        signal.signal(sig, _on_signal)
-    die_with_parent()
+    stopping.install()  # a no-op when run as a script: done before the imports
     try:
         s = load_settings()
     except BadInput as e:

@@ -151,7 +151,7 @@ export RUN_STARTED_AT="${RUN_STARTED_AT:-$(date +%s)}"
 runs=0
 while :; do
   set +e
-  "$PY" publish.py plan >/dev/null 2>&1
+  "$PY" publish.py plan --hand-on >/dev/null 2>&1
   planned=$?
   set -e
   if [ "$planned" -eq 3 ]; then

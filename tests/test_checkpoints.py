@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
+import stopping
 import train_control
 from config import load_settings
 
@@ -92,7 +93,7 @@ def _step(cb, step: int, max_steps: int = 100):
 
 
 def test_max_steps_stops_the_run_counting_from_the_step_it_resumed_at(monkeypatch):
-    monkeypatch.setitem(train_control.STOP, "signal", None)
+    monkeypatch.setitem(stopping.STOP, "signal", None)
     cb = train_control.make_budget_callback(started=0.0, until=1e12, run_steps=3)
     cb.on_train_begin(_Args(), SimpleNamespace(global_step=40), None)
     assert not _step(cb, 42).should_training_stop
@@ -101,7 +102,7 @@ def test_max_steps_stops_the_run_counting_from_the_step_it_resumed_at(monkeypatc
 
 
 def test_the_last_step_of_a_shard_is_never_a_stop_nor_a_periodic_save(monkeypatch, tmp_path):
-    monkeypatch.setitem(train_control.STOP, "signal", None)
+    monkeypatch.setitem(stopping.STOP, "signal", None)
     p = _periodic(tmp_path, 10**6, SAVE_INTERVAL="0.0001")
     p.mark = 0
     cb = train_control.make_budget_callback(started=0.0, until=0.0, run_steps=1, periodic=p)  # out of time, too
@@ -112,7 +113,7 @@ def test_the_last_step_of_a_shard_is_never_a_stop_nor_a_periodic_save(monkeypatc
 
 
 def test_a_due_checkpoint_saves_without_stopping(monkeypatch, tmp_path):
-    monkeypatch.setitem(train_control.STOP, "signal", None)
+    monkeypatch.setitem(stopping.STOP, "signal", None)
     p = _periodic(tmp_path, 10**6, SAVE_INTERVAL="0.0001")
     cb = train_control.make_budget_callback(started=0.0, until=1e12, periodic=p)
     cb.on_train_begin(_Args(), SimpleNamespace(global_step=0), None)

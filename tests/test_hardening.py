@@ -336,7 +336,7 @@ def test_evaluation_stops_at_the_next_batch_when_a_stop_is_requested(tiny_model,
     from transformers import AutoModelForCausalLM
 
     import evaluation
-    import train_control
+    import stopping
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     rows = [{"input_ids": list(range(1, 17)), "labels": list(range(1, 17))} for _ in range(64)]
@@ -348,9 +348,9 @@ def test_evaluation_stops_at_the_next_batch_when_a_stop_is_requested(tiny_model,
         return {"input_ids": ids, "labels": ids}
 
     assert evaluation.validation_loss(model, rows, collate, 8, "fp32") > 0 and len(seen) == 8
-    monkeypatch.setitem(train_control.STOP, "signal", "SIGTERM")
+    monkeypatch.setitem(stopping.STOP, "signal", "SIGTERM")
     seen.clear()
-    with pytest.raises(train_control.StopRequested):
+    with pytest.raises(stopping.StopRequested):
         evaluation.validation_loss(model, rows, collate, 8, "fp32")
     assert seen == []  # not one more batch
 

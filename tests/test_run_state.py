@@ -106,9 +106,9 @@ def test_a_plan_handed_on_by_another_version_fails_at_the_boundary():
 
     plan = RunPlan("instruct", 1, "t", "s", resume={"step": 3}, base="x")
     assert RunPlan.from_json(json.loads(json.dumps(plan.to_json()))) == plan
-    with pytest.raises(ValueError, match=r"unknown \['colour'\]"):
+    with pytest.raises(BadInput, match=r"unknown \['colour'\]"):
         RunPlan.from_json({**plan.to_json(), "colour": "red"})
-    with pytest.raises(ValueError, match=r"missing \['target'\]"):
+    with pytest.raises(BadInput, match=r"missing \['target'\]"):
         RunPlan.from_json({k: v for k, v in plan.to_json().items() if k != "target"})
 
 

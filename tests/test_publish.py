@@ -1,0 +1,53 @@
+"""publish.py: a finished run published locally, as the pipeline does it, from what prep and train
+leave in WORK_DIR."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from config import architecture, load_settings
+from files import old
+from run_state import STATE_FILE, RunPlan
+
+
+def _published(root: Path, arch: dict) -> None:
+    (root / "runs" / "1-pretrain-shard000-from-step000000-aaaa").mkdir(parents=True)
+    (root / "runs" / "1-pretrain-shard000-from-step000000-aaaa" / "events.out").write_text("shard 0's traces")
+    (root / "config.json").write_text("{}")
+    (root / STATE_FILE).write_text(json.dumps({
+        "format": 1, "stage": "pretrain", "shard": 0, "shards_total": 2, "next": {"inst": False, "init": 1},
+        "done": False, "publish_id": "first", "architecture": arch, "parameters": 5, "settings": {},
+        "history": [{"stage": "pretrain", "shard": 0, "shards_total": 2, "steps": 3, "tokens": 100,
+                     "eval_loss_before": 7.0, "eval_loss": 2.0, "perplexity": 7.4}]}))
+
+
+def _trained(work: Path, plan: RunPlan, arch: dict) -> None:
+    (work / "prepared").mkdir(parents=True)
+    (work / "prepared" / "manifest.json").write_text(json.dumps(
+        {"run_id": "run2", "plan": plan.to_json(), "shards_total": 2, "rows": 10, "architecture": arch, "parameters": 5}))
+    (work / "final" / "runs" / "1-pretrain-shard001-from-step000000-bbbb").mkdir(parents=True)
+    (work / "final" / "runs" / "1-pretrain-shard001-from-step000000-bbbb" / "events.out").write_text("shard 1's traces")
+    (work / "final" / "config.json").write_text('{"trained": true}')
+    (work / "final" / "metrics.json").write_text(json.dumps(
+        {"run_id": "run2", "steps": 4, "tokens": 120, "eval_loss_before": 2.0, "eval_loss": 1.5, "perplexity": 4.5}))
+
+
+def test_a_publish_after_one_cut_between_its_renames_keeps_the_earlier_runs_traces(tmp_path):
+    """The previous publish was killed after setting the old output aside: the next publish puts it
+    back first and carries its traces, so runs/ still holds every run of the pipeline."""
+    from publish import publish
+
+    root, work = tmp_path / "m", tmp_path / "work"
+    s = load_settings({"OUTPUT_REPO": str(root), "WORK_DIR": str(work)})
+    arch = architecture(s)
+    _published(root, arch)
+    root.rename(old(root))
+    _trained(work, RunPlan("pretrain", 1, str(root), str(root), base="first"), arch)
+    record, plan = publish(s, work)
+    assert plan.shard == 1 and [h["shard"] for h in record["history"]] == [0, 1] and record["next"] == {"inst": True, "init": 0}
+    assert sorted(p.name for p in (root / "runs").iterdir()) == ["1-pretrain-shard000-from-step000000-aaaa",
+                                                                 "1-pretrain-shard001-from-step000000-bbbb"]
+    assert json.loads((root / "config.json").read_text()) == {"trained": True}
+    assert json.loads((root / STATE_FILE).read_text())["publish_id"] == record["publish_id"]
+    assert not old(root).exists() and sorted(p.name for p in tmp_path.iterdir()) == ["m", "work"]
