@@ -17,9 +17,10 @@ from typing import Any
 
 from config import Settings
 from errors import RunFailure
+from files import link_or_copy
 from hub import PublishConflict
 from run_state import RECORD_FORMAT, STATE_FILE, RunPlan
-from targets import Published, link_or_copy, open_target
+from targets import Published, open_target
 
 PUBLISHED_BY_RUN = "published-by-this-run.json"  # in WORK_DIR: this run's last periodic checkpoint publish
 

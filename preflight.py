@@ -29,8 +29,8 @@ from config import Settings, architecture, cpu_has_bf16, load_settings
 from errors import EXIT_BAD_INPUT, BadInput
 from architecture import llama_config
 from hub import HubError
-from run_state import RunPlan, instruct_target, plan_run
-from targets import access_problems, fetch, open_target, writable_problems
+from run_state import RunPlan, plan_run
+from targets import access_problems, fetch, open_target, outputs, writable_problems
 
 
 @dataclass
@@ -105,11 +105,10 @@ def check_output(s: Settings) -> Check:
         return Check("output", False, "in use by another run",
                      [f"{s.output_repo} / WORK_DIR {s.work_dir} are held by {holder}. One run writes an output at a time: "
                       "wait for it to finish or stop it, or give this run its own OUTPUT_REPO and WORK_DIR."])
-    outputs = [open_target(s.output_repo, s), open_target(instruct_target(s), s)]
-    problems = writable_problems(Path(s.work_dir).resolve()) + access_problems(outputs, s)
+    out, out_it = outputs(s)
+    problems = writable_problems(Path(s.work_dir).resolve()) + access_problems([out, out_it], s)
     if problems:
         return Check("output", False, "cannot publish there", problems)
-    out, out_it = outputs
     if out.local_dir is not None:
         where = f"{out.where} (instruct: {out_it.where})"
     else:

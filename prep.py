@@ -29,11 +29,11 @@ from config import Settings, architecture, load_settings, resolve_precision
 from errors import BadInput, failure_exit, quiet_disk_full_in_threads
 from quant_utils import convert, non_finite_tensors, verify_checkpoint
 from output_lock import INHERITED, acquire
-from run_state import RunPlan, instruct_target, this_runs_plan, validate_checkpoint
+from run_state import RunPlan, this_runs_plan, validate_checkpoint
 from sources import Corpus, parse_sources, shard_bounds
 from files import link_or_copy, replacing
 from tokenizer import CHAT_TEMPLATE, TOKENIZER_FILES, load_tokenizer, to_messages, train_tokenizer
-from targets import fetch, open_target
+from targets import fetch, open_target, recover_outputs
 
 def log(msg: str) -> None:
     print(f"[prep] {msg}", flush=True)
@@ -505,8 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         s = load_settings()
         acquire(s)
-        for output in (s.output_repo, instruct_target(s)):  # a publish killed between its renames is finished first
-            open_target(output, s).recover()
+        recover_outputs(s)
         plan = this_runs_plan(s, handed_on=os.environ.get(INHERITED) == "1")
         if plan.done:
             log(plan.describe())

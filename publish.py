@@ -27,8 +27,9 @@ from errors import failure_exit, quiet_disk_full_in_threads
 from delivery import publish_checkpoint, read_manifest, refuse_non_finite, unchanged_since
 from hub import retries_made
 from output_lock import INHERITED
-from run_state import STATE_FILE, RunPlan, build_record, instruct_target, plan_run, save_plan
-from targets import link_or_copy, open_target
+from run_state import STATE_FILE, RunPlan, build_record, plan_run, save_plan
+from files import link_or_copy
+from targets import open_target, recover_outputs
 
 EXIT_DONE = 3
 
@@ -39,8 +40,7 @@ def publish(s: Settings, work: Path) -> tuple[dict[str, Any], RunPlan]:
 
     manifest = read_manifest(work)
     plan = RunPlan.from_json(manifest["plan"])
-    for output in (s.output_repo, instruct_target(s)):  # a publish killed between its renames is finished first
-        open_target(output, s).recover()
+    recover_outputs(s)
     final = work / "final"
     metrics = json.loads((final / "metrics.json").read_text())
     if metrics.get("run_id") != manifest["run_id"]:

@@ -21,7 +21,7 @@ from typing import Any, Callable
 from config import Settings
 from errors import BadInput
 from files import link_or_copy, old, recover, replacing
-from run_state import STATE_FILE, validate_record
+from run_state import STATE_FILE, instruct_target, validate_record
 
 HUB_ID_HINT = "neither a local path (./dir, /dir, ~/dir) nor a Hub repo id (owner/name)"
 
@@ -216,6 +216,18 @@ class HubTarget(Target):
 def open_target(spec: str, s: Settings | None = None) -> Target:
     """The target a setting names; `s` (the settings, for the Hub client) is needed to reach the Hub."""
     return LocalTarget(spec) if is_local_spec(spec) else HubTarget(spec, s)
+
+
+def outputs(s: Settings) -> tuple[Target, Target]:
+    """The pipeline's two outputs: OUTPUT_REPO (pretraining) and OUTPUT_REPO-it (instruct)."""
+    return open_target(s.output_repo, s), open_target(instruct_target(s), s)
+
+
+def recover_outputs(s: Settings) -> None:
+    """Finish a publish to either output that was killed between its renames (the run or publish
+    about to start holds the output lock)."""
+    for output in outputs(s):
+        output.recover()
 
 
 def spec_problem(var: str, spec: str) -> str | None:
