@@ -16,12 +16,12 @@ from typing import Iterator
 
 
 @contextmanager
-def replacing(root: Path, staged: Path | None = None, fsync: bool = False) -> Iterator[Path]:
-    """Yield an empty staging directory beside `root` (default `<root>.tmp-<pid>`); when the block ends
+def replacing(root: Path, fsync: bool = False) -> Iterator[Path]:
+    """Yield an empty staging directory beside `root` (`<root>.tmp-<pid>`); when the block ends
     without an error, the staged directory becomes `root` (with `fsync`, its files flushed first, so
     even a power cut leaves complete files). On an error `root` is untouched; either way no staging
     copy is left behind."""
-    staged = staged or root.with_name(f"{root.name}.tmp-{os.getpid()}")
+    staged = root.with_name(f"{root.name}.tmp-{os.getpid()}")
     root.parent.mkdir(parents=True, exist_ok=True)
     recover(root)
     if staged.exists():
