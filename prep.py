@@ -98,20 +98,24 @@ def base_model(s: Settings, tok, out: Path) -> tuple[dict[str, Any], dict[str, A
 # --- tokenize + pack ---------------------------------------------------------------------------------
 
 
-def pack(token_lists: Iterable[list[int]], eos_id: int, block: int) -> list[list[int]]:
+def pack(token_lists: Iterable[list[int]], eos_id: int, block: int) -> list:
     """Concatenate documents, each followed by EOS, and cut into blocks of `block` tokens (the last may be shorter).
 
     No padding and no token lost or repeated: sum(len(b)) == sum(len(d) + 1 for d in docs).
     """
     import numpy as np
 
-    pieces = []
-    for ids in token_lists:
-        pieces.append(np.asarray(ids, dtype=np.int32))
-        pieces.append(np.asarray([eos_id], dtype=np.int32))
-    if not pieces:
-        return []
-    flat = np.concatenate(pieces)
+    docs = [np.asarray(ids, dtype=np.int32) for ids in token_lists]
+    sizes = np.fromiter(map(len, docs), np.int64, len(docs))
+    flat = np.concatenate(docs) if docs else np.zeros(0, np.int32)
+    return pack_ids(flat, np.concatenate([[0], np.cumsum(sizes)]), eos_id, block)
+
+
+def pack_ids(ids, offsets, eos_id: int, block: int) -> list:
+    """`pack` for documents given back to back (`ids`, each starting at `offsets[i]`; encoding.encode_texts)."""
+    import numpy as np
+
+    flat = np.insert(ids, offsets[1:], np.int32(eos_id))
     return [flat[i:i + block] for i in range(0, len(flat), block)]
 
 
@@ -156,14 +160,14 @@ def pack_chats(ids: list[list[int]], labels: list[list[int]], block: int, seed: 
     return out_ids, out_labels, out_pos
 
 
-def tokenize_texts(tok, texts: list[str], batch: int = 2000) -> list[list[int]]:
-    """Batched encoding through the Rust tokenizer (parallel across cores), with a progress bar."""
-    from tqdm import tqdm
+def tokenize_texts(tok, texts: list[str]) -> list:
+    """Each text's token ids (an int32 array each), exactly the tokenizer's, on all cores (encoding.py)."""
+    import numpy as np
 
-    out: list[list[int]] = []
-    for i in tqdm(range(0, len(texts), batch), desc="[prep] tokenize", unit="batch", disable=len(texts) <= batch):
-        out.extend(e.ids for e in tok._tokenizer.encode_batch_fast(texts[i:i + batch], add_special_tokens=False))
-    return out
+    from encoding import encode_texts
+
+    ids, offsets = encode_texts(tok, texts)
+    return np.split(ids, offsets[1:-1]) if texts else []
 
 
 def tokenize_chats(tok, chats: list[list[dict[str, str]]], max_length: int,
@@ -417,6 +421,10 @@ def encode_shard(s: Settings, plan: RunPlan, shard: Shard, tok, staged: Path) ->
     """The shard tokenized (documents packed into sequences, or chats rendered with loss on the
     answers), split into train/val, chats packed, saved under `staged`; returns what the manifest
     says of it. A resumed shard must be the very data its checkpoint trained on."""
+    import numpy as np
+
+    from encoding import encode_texts
+
     t1 = time.perf_counter()
     which = shard.which
     if plan.inst:
@@ -429,11 +437,11 @@ def encode_shard(s: Settings, plan: RunPlan, shard: Shard, tok, staged: Path) ->
         doc_tokens = [(which[i], len(x)) for i, x in zip(kept, seqs)]
         which = [which[i] for i in kept]  # the chats trained (those cut to nothing by MAX_LENGTH are not)
     else:
-        docs = tokenize_texts(tok, shard.texts)
-        seqs, seq_labels = pack(docs, tok.eos_token_id, s.max_length), None
+        ids, offsets = encode_texts(tok, shard.texts)
+        seqs, seq_labels = pack_ids(ids, offsets, tok.eos_token_id, s.max_length), None
         n_docs = len(shard.texts)
         raw_bytes = sum(len(t.encode()) for t in shard.texts)
-        doc_tokens = [(w, len(x) + 1) for w, x in zip(which, docs)]
+        doc_tokens = list(zip(which, (np.diff(offsets) + 1).tolist()))
     dt = time.perf_counter() - t1
     mix = source_stats(shard.corpus, shard.start, shard.end, which, doc_tokens) if len(shard.corpus.sources) > 1 else None
     if mix:

@@ -26,8 +26,10 @@ def test_throughput_bench(env, tmp_path):
 
 def test_prep_bench(env):
     out = _json(run([sys.executable, "bench/prep_throughput.py", "--mb", "2"], env, timeout=300))
-    assert set(out["mb_per_s"]) == {"data/pretrain.jsonl", "python-stdlib-docstrings"}
-    assert all(r["mb_per_s"] > 0 and r["raw_mb"] >= 2 and r["unique_mb"] > 0.5 for r in out["corpora"].values())
+    assert set(out["mb_per_s"]) == {"data/pretrain.jsonl", "python-stdlib-docstrings", "python-stdlib-sources"}
+    assert all(r["mb_per_s"] > 0 and r["baseline_mb_per_s"] > 0 and r["raw_mb"] >= 2 and r["unique_mb"] > 0.5
+               for r in out["corpora"].values())
+    assert all(r["ids_equal_to_tokenizer"] is True for r in out["corpora"].values())
 
 
 def test_streaming_bench(env):
