@@ -8,8 +8,8 @@ array operations on its code points, each distinct word is encoded once by the t
 and the ids are gathered back. The chunks run in parallel processes, one per core.
 
 Exact by construction, not by approximation: each character's class (letter, number, whitespace,
-other) is asked of the tokenizer's own pre-tokenizer for the characters present, so Unicode versions
-cannot differ; BPE and the vocabulary are the tokenizer's own; documents holding an added token's
+other) is asked of the tokenizers library's byte-level pre-tokenizer (the tokenizer's own, built
+alike) for the characters present, so Unicode versions cannot differ; BPE and the vocabulary are the tokenizer's own; documents holding an added token's
 text (which the tokenizer would map to that token) or characters it cannot take go through the
 tokenizer unchanged. tests/test_encoding.py compares every id with the tokenizer's on real corpora
 and on random text built from the pattern's corner cases. Tokenizers with another pre-tokenizer (or
@@ -31,10 +31,25 @@ PARALLEL_MIN_CHARS = 4_000_000   # below, one process is faster (measured: 1.2 M
 _CLASSES: dict[int, int] = {}    # code point -> class, asked of the pre-tokenizer once per process
 
 
+def backend(tok):
+    """The tokenizer's Rust tokenizer with truncation and padding off (a copy where either is on):
+    a shard's documents are encoded whole (packing cuts them into blocks, nothing is dropped), and
+    words are encoded here in groups that neither may cut or fill."""
+    b = tok._tokenizer
+    if b.truncation is None and b.padding is None:
+        return b
+    from tokenizers import Tokenizer
+
+    b = Tokenizer.from_str(b.to_str())
+    b.no_truncation()
+    b.no_padding()
+    return b
+
+
 def fast_path(tok) -> bool:
     """Whether `tok` cuts words exactly as this module does: no normalizer, the byte-level
     pre-tokenizer with the GPT-2 pattern and no prefix space, deterministic BPE."""
-    spec = json.loads(tok._tokenizer.to_str())
+    spec = json.loads(backend(tok).to_str())
     pre = spec.get("pre_tokenizer") or {}
     return (spec.get("normalizer") is None and pre.get("type") == "ByteLevel"
             and pre.get("add_prefix_space") is False and pre.get("use_regex", True) is True
@@ -105,13 +120,15 @@ def word_starts(cp: np.ndarray, cls: np.ndarray, doc_start: np.ndarray) -> np.nd
     return np.flatnonzero(start)
 
 
-def _encode_chunk(tok, texts: list[str], specials: list[str]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+def _encode_chunk(rust, texts: list[str], specials: list[str]) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """One chunk of documents: the ids of all of them back to back, the number of ids of each, and
     the documents left to the tokenizer itself (`aside`, counted 0 here)."""
     joined = "".join(texts)
-    # Added tokens share their first characters ("<|"): one scan per distinct prefix, then per text.
-    maybe = [sp for sp in specials if sp[:2] in {p for p in {sp[:2] for sp in specials} if p in joined}]
-    aside = [i for i, t in enumerate(texts) if any(sp in t for sp in maybe)] if any(sp in joined for sp in maybe) else []
+    # Added tokens share their first characters ("<|"): one scan of the chunk per distinct prefix,
+    # then texts are looked at one by one only where one of them is in it.
+    present = {p for p in {sp[:2] for sp in specials} if p in joined}
+    maybe = [sp for sp in specials if sp[:2] in present and sp in joined]
+    aside = [i for i, t in enumerate(texts) if any(sp in t for sp in maybe)] if maybe else []
     try:
         whole = joined.encode("utf-32-le")
     except UnicodeEncodeError:   # lone surrogates: find the documents holding them
@@ -131,7 +148,7 @@ def _encode_chunk(tok, texts: list[str], specials: list[str]) -> tuple[np.ndarra
     starts = word_starts(cp, table[cp], doc_start)
     index, distinct = _word_index(cp, starts, table)
     # Each distinct word encoded once, by the tokenizer itself; its ids gathered for every use.
-    flat, sizes = _word_ids(tok, distinct)
+    flat, sizes = _word_ids(rust, distinct)
     first = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     n_ids = sizes[index]
     out_first = np.concatenate([[0], np.cumsum(n_ids)[:-1]])
@@ -181,12 +198,12 @@ def _absent(table: np.ndarray) -> int:
     return int(private[0] if len(private) else free[0])
 
 
-def _word_ids(tok, words: list[str], batch: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+def _word_ids(rust, words: list[str], batch: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     """The ids of each word back to back, and how many each has. The words go to the tokenizer as
     pre-cut sequences of `batch` words (one encoding per word costs twice as much); each is a whole
     word of the pattern already, so the pre-tokenizer leaves it as it is."""
     groups = [words[i:i + batch] for i in range(0, len(words), batch)]
-    encs = tok._tokenizer.encode_batch(groups, is_pretokenized=True, add_special_tokens=False)
+    encs = rust.encode_batch(groups, is_pretokenized=True, add_special_tokens=False)
     ids = np.concatenate([np.asarray(e.ids, np.int32) for e in encs] + [np.zeros(0, np.int32)])
     which = np.concatenate([np.asarray(e.word_ids, np.int64) + k * batch for k, e in enumerate(encs)]
                            + [np.zeros(0, np.int64)])
@@ -204,10 +221,24 @@ def _encodable(text: str) -> bool:
 _FORKED: dict[str, Any] = {}     # what a forked worker reads: inherited from the parent, not pickled
 
 
-def _encode_forked(k: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    # The tokenizer's thread pool does not survive a fork: the worker encodes on its one thread.
+def _worker_start(parent: int) -> None:
+    """A worker dies with prep (a stop's SIGTERM, the OOM killer): it holds copies of prep's file
+    descriptors (trainer.sh's output locks among them) and, orphaned, would keep the locks held.
+    The tokenizer's thread pool does not survive a fork: a worker encodes on its one thread."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:   # prep died before the line above
+        os._exit(1)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    return _encode_chunk(_FORKED["tok"], _FORKED["chunks"][k], _FORKED["specials"])
+
+
+def _encode_forked(k: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    return _encode_chunk(_FORKED["rust"], _FORKED["chunks"][k], _FORKED["specials"])
 
 
 def _chunks(texts: list[str], n: int) -> list[list[str]]:
@@ -217,49 +248,74 @@ def _chunks(texts: list[str], n: int) -> list[list[str]]:
     return [texts[a:b] for a, b in zip(cuts, cuts[1:]) if b > a]
 
 
-def _encode_all(tok, texts: list[str], specials: list[str], workers: int) -> list[tuple]:
+def _encode_all(rust, texts: list[str], specials: list[str], workers: int) -> list[tuple]:
     import multiprocessing as mp
 
     if (workers <= 1 or sum(map(len, texts)) < PARALLEL_MIN_CHARS or len(texts) < 2
             or "fork" not in mp.get_all_start_methods()):
-        return [_encode_chunk(tok, texts, specials)]
+        return [_encode_chunk(rust, texts, specials)]
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     from tqdm import tqdm
 
+    from errors import RunFailure
+
     # A few chunks per worker, so one long document cannot leave a core idle for long.
-    _FORKED.update(tok=tok, chunks=_chunks(texts, workers * 4), specials=specials)
-    # Made explicit before forking, else the tokenizer warns in each worker that its parallelism
-    # is off there (the workers set it off themselves).
+    _FORKED.update(rust=rust, chunks=_chunks(texts, workers * 4), specials=specials)
+    # Made explicit while forking, else the tokenizer warns in each worker that its parallelism is
+    # off there (the workers set it off themselves); as it was afterwards.
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    ex = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"), initializer=_worker_start,
+                             initargs=(os.getpid(),))
     try:
-        with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as ex:
-            return list(tqdm(ex.map(_encode_forked, range(len(_FORKED["chunks"]))), total=len(_FORKED["chunks"]),
-                             desc="[prep] tokenize", unit="chunk", mininterval=2))
+        return list(tqdm(ex.map(_encode_forked, range(len(_FORKED["chunks"]))), total=len(_FORKED["chunks"]),
+                         desc="[prep] tokenize", unit="chunk", mininterval=2))
+    except BrokenProcessPool:
+        raise RunFailure(f"a tokenizing worker process died (killed: out of memory?) while encoding "
+                         f"{len(texts)} documents in {workers} processes. Fix: give the run more memory, "
+                         "or make SHARD_SIZE smaller.") from None
     finally:
+        ex.shutdown(wait=True, cancel_futures=True)   # after an error, the chunks not started are dropped
         _FORKED.clear()
+        if before is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
 
 
-def _tokenizer_ids(tok, texts: list[str]) -> list[list[int]]:
-    return [e.ids for e in tok._tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+def _tokenizer_ids(rust, texts: list[str]) -> list[list[int]]:
+    return [e.ids for e in rust.encode_batch_fast(texts, add_special_tokens=False)]
+
+
+def usable_cores() -> int:
+    """The cores this process may use: its CPU affinity, capped by a cgroup CPU quota (docker --cpus)."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]   # cgroup v2
+        if quota != "max":
+            n = min(n, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return n
 
 
 def encode_texts(tok, texts: list[str], workers: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Token ids of all `texts` back to back (int32) and the offsets where each text's ids start
-    (one more than there are texts): the ids `tok` gives each text without special tokens added."""
+    (one more than there are texts): the ids `tok` gives each whole text, no special tokens added."""
     if not texts:
         return np.zeros(0, np.int32), np.zeros(1, np.int64)
+    rust = backend(tok)
     if not fast_path(tok):
         from tqdm import tqdm
 
         batches = range(0, len(texts), 2000)
         return _flat([np.asarray(x, np.int32) for i in tqdm(batches, desc="[prep] tokenize", unit="batch",
                                                             disable=len(batches) < 2)
-                      for x in _tokenizer_ids(tok, texts[i:i + 2000])])
+                      for x in _tokenizer_ids(rust, texts[i:i + 2000])])
     import pandas  # noqa: F401 - imported once here, not in each worker
 
-    specials = sorted({t.content for t in tok._tokenizer.get_added_tokens_decoder().values() if t.content})
-    parts = _encode_all(tok, texts, specials, workers or len(os.sched_getaffinity(0)))
+    specials = sorted({t.content for t in rust.get_added_tokens_decoder().values() if t.content})
+    parts = _encode_all(rust, texts, specials, workers or usable_cores())
     ids = np.concatenate([p[0] for p in parts]).astype(np.int32, copy=False)
     offsets = np.concatenate([[0], np.cumsum(np.concatenate([p[1] for p in parts]))])
     base = np.cumsum([0] + [len(p[1]) for p in parts]).tolist()
@@ -268,7 +324,7 @@ def encode_texts(tok, texts: list[str], workers: int | None = None) -> tuple[np.
         return ids, offsets
     # Documents the tokenizer encodes itself are spliced in at their places.
     per_text = np.split(ids, offsets[1:-1])
-    for i, x in zip(aside, _tokenizer_ids(tok, [texts[i] for i in aside])):
+    for i, x in zip(aside, _tokenizer_ids(rust, [texts[i] for i in aside])):
         per_text[i] = np.asarray(x, np.int32)
     return _flat(per_text)
 

@@ -118,3 +118,67 @@ def test_pack_ids_is_pack(tok, corpus):
     a, b = pack(docs, tok.eos_token_id, 64), pack_ids(ids, offsets, tok.eos_token_id, 64)
     assert [x.tolist() for x in a] == [x.tolist() for x in b]
     assert sum(map(len, b)) == len(ids) + 200
+
+
+def test_documents_are_encoded_whole_even_by_a_tokenizer_that_truncates_or_pads(corpus):
+    tok = train_tokenizer(corpus[:300], vocab_size=600, max_length=64)
+    tok._tokenizer.enable_truncation(max_length=8)
+    tok._tokenizer.enable_padding(length=16)
+    assert encoding.fast_path(tok)
+    texts = corpus[:50] + ["hello world " * 20, "x"]
+    ids, offsets = encoding.encode_texts(tok, texts)
+    whole = encoding.backend(tok)
+    assert whole.truncation is None and whole.padding is None and tok._tokenizer.truncation is not None
+    ref = [e.ids for e in whole.encode_batch_fast(texts, add_special_tokens=False)]
+    assert [ids[offsets[i]:offsets[i + 1]].tolist() for i in range(len(texts))] == ref
+    assert max(map(len, ref)) > 16
+
+
+def test_forking_leaves_the_parallelism_setting_as_it_was(tok, corpus, monkeypatch):
+    monkeypatch.setattr(encoding, "PARALLEL_MIN_CHARS", 1000)
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    encoding.encode_texts(tok, corpus[:500], workers=2)
+    assert "TOKENIZERS_PARALLELISM" not in __import__("os").environ
+
+
+def test_workers_die_with_a_killed_prep(tmp_path):
+    # prep killed mid-encoding (a stop's SIGTERM, the OOM killer): no worker lives on holding
+    # prep's descriptors (trainer.sh's output locks).
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    script = tmp_path / "encode.py"
+    script.write_text(f"""
+import sys; sys.path.insert(0, {str(ROOT)!r})
+import encoding
+from tokenizer import train_tokenizer
+tok = train_tokenizer(["some words here"] * 50, vocab_size=300, max_length=64)
+texts = [" ".join(f"w{{i}}x{{j}}" for j in range(20000)) for i in range(200)]
+print("ready", flush=True)
+encoding.encode_texts(tok, texts, workers=2)
+""")
+    p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        deadline = time.time() + 60
+        workers = []
+        while time.time() < deadline and len(workers) < 2:
+            workers = psutil.Process(p.pid).children()
+            time.sleep(0.05)
+        assert len(workers) == 2, "the workers never started"
+        p.send_signal(signal.SIGKILL)
+        p.wait(10)
+        gone, alive = psutil.wait_procs(workers, timeout=10)
+        assert not alive, f"orphaned workers: {[w.pid for w in alive]}"
+    finally:
+        p.kill()
+
+
+def test_usable_cores():
+    import os
+
+    assert 1 <= encoding.usable_cores() <= len(os.sched_getaffinity(0))
