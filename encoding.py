@@ -49,7 +49,11 @@ def backend(tok):
 def fast_path(tok) -> bool:
     """Whether `tok` cuts words exactly as this module does: no normalizer, the byte-level
     pre-tokenizer with the GPT-2 pattern and no prefix space, deterministic BPE."""
-    spec = json.loads(backend(tok).to_str())
+    return _cuts_like_this(tok._tokenizer)
+
+
+def _cuts_like_this(rust) -> bool:
+    spec = json.loads(rust.to_str())
     pre = spec.get("pre_tokenizer") or {}
     return (spec.get("normalizer") is None and pre.get("type") == "ByteLevel"
             and pre.get("add_prefix_space") is False and pre.get("use_regex", True) is True
@@ -305,7 +309,7 @@ def encode_texts(tok, texts: list[str], workers: int | None = None) -> tuple[np.
     if not texts:
         return np.zeros(0, np.int32), np.zeros(1, np.int64)
     rust = backend(tok)
-    if not fast_path(tok):
+    if not _cuts_like_this(rust):
         from tqdm import tqdm
 
         batches = range(0, len(texts), 2000)
