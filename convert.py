@@ -52,7 +52,7 @@ from config import SettingsError, load_settings  # first: importing config quiet
 from errors import BadInput as PipelineBadInput  # the pipeline's settings and Hub errors are bad input too
 from gguf_export import convert_gguf
 from layouts import (DTYPES, MERGE_TOLERANCE, TOLERANCE, BadInput, CheckFailed, check, check_keys, expected_meta_keys,
-                     hf_config, hf_logits, hf_model, merge_lora_checkpoint, meta_config, meta_logits, meta_shapes,
+                     hf_config, hf_logits, hf_model, merge_lora_checkpoint, meta_config, meta_logits, meta_shapes, nf4_source_precision,
                      meta_to_hf, preset_params, probe_ids, read_dcp, read_meta, read_zero, tokenizer_files, write_model)
 
 
@@ -119,8 +119,7 @@ def _from_zero(args, src: Path, out: Path, extras: list[Path]):
 
     masters, module, cfg = read_zero(src)
     if masters is None:
-        dtype = args.dtype or {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(
-            next(v.dtype for k, v in module.items() if "lora_" in k), "fp32")
+        dtype = args.dtype or nf4_source_precision(module)  # the precision the run stored its weights in
         staged, delta, diff, parameters = merge_lora_checkpoint(src, module, out, dtype, extras)
         if out.exists():
             out.rmdir()

@@ -304,6 +304,17 @@ def read_zero(src: Path) -> tuple[dict[str, Any] | None, dict[str, Any], dict[st
     return masters, module, json.loads((src / "config.json").read_text())
 
 
+def nf4_source_precision(module: dict[str, Any]) -> str:
+    """'bf16' or 'fp32': the dtype the checkpoint's NF4 base was quantized from (each 4-bit weight's
+    packed quant state records it), so that the published base re-quantized the same way gives the
+    same scales. Not the adapters' dtype: a trainer may keep adapters in another dtype than the base."""
+    packed = next((v for k, v in module.items() if k.endswith(".quant_state.bitsandbytes__nf4")), None)
+    if packed is None:
+        raise BadInput("the checkpoint's NF4 base has no quant state (…quant_state.bitsandbytes__nf4): not a "
+                       "checkpoint this pipeline wrote")
+    return "bf16" if json.loads(bytes(packed.tolist()).decode())["dtype"] == "bfloat16" else "fp32"
+
+
 MERGE_TOLERANCE = 0.005  # train.merge_checked's: the merged model's loss within 0.5% of the adapter's
 
 
@@ -325,9 +336,9 @@ def merge_lora_checkpoint(src: Path, module: dict[str, Any], out: Path, dtype: s
     from quant_utils import convert as quantize, to_float
 
     lora = {k: v for k, v in module.items() if "lora_" in k}
-    compute = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(next(iter(lora.values())).dtype, "fp32")
     scales = {k.removeprefix("base_model.model.").replace(".base_layer", ""): v for k, v in module.items()
               if "lora_" not in k}
+    compute = nf4_source_precision(module)
     with tempfile.TemporaryDirectory(prefix="convert-nf4-") as tmp:
         quantize(src.parent, Path(tmp) / "nf4", "nf4", compute)
         model = AutoModelForCausalLM.from_pretrained(Path(tmp) / "nf4", device_map="cpu")

@@ -24,7 +24,16 @@ class Trainer(SFTTrainer):
     evaluator = None  # an evaluation.Evaluator when evaluating during training
 
     def __init__(self, *args, batch_digests: list[str] | None = None, **kwargs) -> None:
+        # TRL casts the trainable weights of a quantized model (the LoRA adapters) to bf16 whatever
+        # the run's precision; the adapters keep the dtype quant_utils.add_lora gave them for this
+        # precision: fp32 on a CPU without bf16 units (emulated bf16 is slow), fp32 under PEFT's fp16
+        # recipe (a T4 has no bf16), bf16 in a bf16 run (unchanged there).
+        model = kwargs.get("model")
+        dtypes = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad} if model is not None else {}
         super().__init__(*args, **kwargs)
+        for n, p in self.model.named_parameters():
+            if n in dtypes and p.dtype != dtypes[n]:
+                p.data = p.data.to(dtypes[n])
         self.batch_digests = list(batch_digests or [])  # a resumed shard's: those of the steps before
 
     def training_step(self, model, inputs, num_items_in_batch=None):

@@ -11,7 +11,8 @@
   into our model, in a fresh process: seconds, and peak RSS against the model's own bytes plus the
   memory-mapped source's (what is above both is what the copy holds at once: one tensor);
 - training step: the throughput benchmark's ~27M model (d=512, 6 layers, vocab 8192, untied,
-  sequences of 512, batch 8) in bf16, the step the trainer runs (decoder → chunked LM-head loss →
+  sequences of 512, batch 8) in the precision PRECISION=auto gives here (bf16 on a CPU with bf16
+  units or a bf16 GPU, fp32 otherwise: emulated bf16 is not what a run would use), the step the trainer runs (decoder → chunked LM-head loss →
   backward → AdamW), alternated between transformers' class, ours, and ours with COMPILE (each
   block through torch.compile, dynamic shapes); the median step time of each, and the compile's
   one-time cost (its first step less the median).
@@ -125,23 +126,29 @@ def generation(cfg, vocab: int, prompts: int, new_tokens: int) -> dict[str, floa
             "generate_tokens_per_s_transformers": round(n / t_hf, 1), "generate_speedup": round(t_hf / t_ours, 3)}
 
 
-def train_step_times(steps: int) -> dict[str, float]:
+def train_step_times(steps: int, seq: int, batch: int) -> dict[str, float]:
+    from types import SimpleNamespace
+
     import torch
     from transformers import LlamaConfig
 
     from architecture import config_kwargs
+    from config import resolve_precision
+    from quant_utils import storage_dtype
     from lm_loss import causal_lm_loss
-    from throughput import BATCH, SEQ, VOCAB, bench_architecture
+    from throughput import VOCAB, bench_architecture
 
-    cfg = LlamaConfig(**config_kwargs(bench_architecture(), SEQ), pad_token_id=0)
+    precision = resolve_precision(SimpleNamespace(precision="auto"))
+    dtype = storage_dtype(precision)
+    cfg = LlamaConfig(**config_kwargs(bench_architecture(seq=seq), seq), pad_token_id=0)
     cfg._attn_implementation = "sdpa"
     hf, mine = pair(cfg, 2, noise=0.0)
     _, compiled = pair(cfg, 2, noise=0.0)
     compiled.compile_blocks()
-    models = {"transformers": hf.to(torch.bfloat16).train(), "ours": mine.to(torch.bfloat16).train(),
-              "ours_compiled": compiled.to(torch.bfloat16).train()}
+    models = {"transformers": hf.to(dtype).train(), "ours": mine.to(dtype).train(),
+              "ours_compiled": compiled.to(dtype).train()}
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}
-    x = torch.randint(3, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(3))
+    x = torch.randint(3, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(x)
     times: dict[str, list[float]] = {k: [] for k in models}
     first: dict[str, float] = {}
@@ -156,7 +163,8 @@ def train_step_times(steps: int) -> dict[str, float]:
             else:
                 first[k] = time.perf_counter() - t
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"train_step_s_ours": round(med["ours"], 4), "train_step_s_transformers": round(med["transformers"], 4),
+    return {"train_precision": precision, "train_seq": seq, "train_batch": batch,
+            "train_step_s_ours": round(med["ours"], 4), "train_step_s_transformers": round(med["transformers"], 4),
             "train_step_s_ours_compiled": round(med["ours_compiled"], 4),
             "train_speedup": round(med["transformers"] / med["ours"], 3),
             "train_speedup_compiled": round(med["transformers"] / med["ours_compiled"], 3),
@@ -222,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=20, help="timed training steps per class (alternated; the median is kept)")
     ap.add_argument("--prompts", type=int, default=20)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--seq", type=int, default=512, help="training step: sequence length (the throughput model's)")
+    ap.add_argument("--batch", type=int, default=8, help="training step: sequences per step")
     ap.add_argument("--copy-size", default="1B", help="preset whose checkpoint the weight copy reads")
     ap.add_argument("--copy-child", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -238,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = LlamaConfig(**config_kwargs(preset_shape("cpu", vocab), 256), pad_token_id=0, bos_token_id=1, eos_token_id=2)
     t0 = time.perf_counter()
     result = {**parity(cfg, vocab), **generation(cfg, vocab, args.prompts, args.new_tokens),
-              **train_step_times(args.steps), **weight_copy(args.copy_size)}
+              **train_step_times(args.steps, args.seq, args.batch), **weight_copy(args.copy_size)}
     import transformers
 
     result.update({"seconds": round(time.perf_counter() - t0, 1),

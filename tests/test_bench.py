@@ -105,7 +105,7 @@ def test_hub_faults_bench(env):
 
 
 def test_model_bench(env):
-    out = _json(run([sys.executable, "bench/model.py", "--steps", "1", "--prompts", "3", "--new-tokens", "16",
+    out = _json(run([sys.executable, "bench/model.py", "--steps", "1", "--prompts", "3", "--new-tokens", "16", "--seq", "128", "--batch", "2",
                      "--copy-size", "small"], env, timeout=600))
     assert out["max_abs_logit_diff_fp32"] <= 1e-5 and out["loss_diff"] <= 1e-6 and out["max_grad_diff_rel"] <= 1e-4
     assert out["greedy_identical"] == 1.0

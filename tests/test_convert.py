@@ -351,7 +351,8 @@ def test_push_publishes_the_result_like_the_pipeline_and_checks_the_token_first(
 def test_a_lora_on_nf4_checkpoint_converts_merged_and_checked(env, tmp_path):
     """A real USE_QUANT checkpoint (trainer.sh: a float shard, then a run of NF4 + LoRA stopped by
     MAX_STEPS): its adapters merged onto the published base the pipeline's way, the loss within 0.5%
-    of the adapter model's, and a loadable bf16 model; a base that is not the adapters' is refused."""
+    of the adapter model's, and a loadable model in the run's dtype; a base that is not the adapters'
+    is refused."""
     from conftest import run
 
     env.update({"SHARD_STEPS": "4", "MAX_RUNS": "1"})
@@ -360,10 +361,16 @@ def test_a_lora_on_nf4_checkpoint_converts_merged_and_checked(env, tmp_path):
     assert p.returncode == 0, p.stdout[-3000:]
     ckpt = Path(env["OUTPUT_REPO"]) / "last-checkpoint"
     assert (ckpt / "adapter_config.json").exists()
+    # the run's storage dtype (bf16 on a bf16 machine, fp32 elsewhere): the base's and the adapters'
+    stored = json.loads((Path(env["OUTPUT_REPO"]) / "config.json").read_text())["dtype"]
+    module = torch.load(next(ckpt.glob("global_step*/mp_rank_00_model_states.pt")), map_location="cpu",
+                        weights_only=False)["module"]
+    assert {str(v.dtype) for k, v in module.items() if "lora_" in k} == {f"torch.{stored}"}
     p = run([sys.executable, "convert.py", "zero", str(ckpt), str(tmp_path / "merged"), "--json"], env, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     result = json.loads(p.stdout.strip().splitlines()[-1])
-    assert result["lora_merged"] and result["merge_loss_delta_pct"] <= 0.5 and result["dtype"] == "bf16"
+    assert result["lora_merged"] and result["merge_loss_delta_pct"] <= 0.5
+    assert result["dtype"] == {"bfloat16": "bf16", "float32": "fp32"}[stored]
     cfg = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert "quantization_config" not in cfg and cfg["architectures"] == ["LlamaForCausalLM"]
     with torch.no_grad():
@@ -378,3 +385,20 @@ def test_a_lora_on_nf4_checkpoint_converts_merged_and_checked(env, tmp_path):
     p = run([sys.executable, "convert.py", "zero", str(ckpt), str(tmp_path / "other")], env, timeout=300)
     assert p.returncode == 2 and "is not the base its adapters were trained on" in p.stderr, p.stderr[-2000:]
     assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.parametrize("dtype,expected", [(torch.bfloat16, "bf16"), (torch.float32, "fp32")])
+def test_an_nf4_base_is_requantized_from_the_dtype_its_quant_state_records(dtype, expected):
+    """The base's own quant state says what it was quantized from, whatever dtype the adapters are in."""
+    import bitsandbytes as bnb
+
+    layer = bnb.nn.Linear4bit(64, 64, bias=False, quant_type="nf4", compress_statistics=True)
+    layer.weight = bnb.nn.Params4bit(torch.randn(64, 64).to(dtype), requires_grad=False, quant_type="nf4",
+                                     compress_statistics=True)
+    layer = layer.to("cpu")  # quantizes
+    states = {f"base_model.model.l.base_layer.{k}": v for k, v in layer.state_dict().items()}
+    other = torch.float32 if dtype == torch.bfloat16 else torch.bfloat16
+    states["base_model.model.l.lora_A.default.weight"] = torch.zeros(4, 64, dtype=other)
+    assert layouts.nf4_source_precision(states) == expected
+    with pytest.raises(layouts.BadInput, match="no quant state"):
+        layouts.nf4_source_precision({k: v for k, v in states.items() if "quant_state" not in k})
