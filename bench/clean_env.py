@@ -35,6 +35,18 @@ def gpu_count() -> int:
     return sum(line.startswith("GPU") for line in out.splitlines())
 
 
+def machine_precision(asked: str = "auto") -> str:
+    """The precision a run trains in on this machine when PRECISION=`asked` (auto: bf16 on a GPU or a
+    CPU with bf16 units, fp16 on an older GPU, fp32 on a CPU without: emulated bf16 is many times
+    slower and no run would use it). Benchmarks measure what a run here would do."""
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(ROOT))
+    from config import resolve_precision
+
+    return resolve_precision(SimpleNamespace(precision=asked))
+
+
 def head_jsonl(src: Path, dst: Path, n: int) -> Path:
     with src.open() as f, dst.open("w") as g:
         for _, line in zip(range(n), f):

@@ -224,7 +224,8 @@ class Runner:
                 "estimate_rel_error": mem.get("estimate_rel_error"), "machine": res.get("machine")}
         if name == "memory":
             cases = {c["mode"]: c for c in res["cases"]}
-            full, nf4 = cases.get("bf16 full"), cases.get("NF4+LoRA")
+            full = next((c for mode, c in cases.items() if mode.endswith(" full")), None)
+            nf4 = cases.get("NF4+LoRA")
             ratio = (nf4["measured"]["training_peak_bytes"] / full["measured"]["training_peak_bytes"]) if full and nf4 else None
             return {"table": res["table"], "max_abs_rel_error": res["max_abs_rel_error"],
                     "max_abs_process_rel_error": res["max_abs_process_rel_error"],

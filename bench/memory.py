@@ -2,8 +2,9 @@
 
     python bench/memory.py [--sizes 20M,60M,120M] [--batch 4] [--seq 256] [--steps 3] [--checkpointing off,on]
 
-For each model size (a parameter count, or a preset name such as 1B) x {bf16 full training, NF4
-base + LoRA} x gradient checkpointing, one process runs train.py's own `fit` (TRL + DeepSpeed
+For each model size (a parameter count, or a preset name such as 1B) x {full training, NF4 base +
+LoRA} x gradient checkpointing, in the precision a run uses on this machine (--precision; auto: bf16
+on a GPU or a CPU with bf16 units, fp32 on a CPU without), one process runs train.py's own `fit` (TRL + DeepSpeed
 ZeRO-2, validation before and after, the LoRA merge, the final save) on a prepared directory with a
 fresh model of that size. Measured on CPU: the process's peak resident memory (VmHWM) minus its
 resident memory once the libraries are imported (what `training_bytes` of the estimate stands for),
@@ -51,9 +52,9 @@ def process_gpu_bytes() -> int | None:
     return None
 
 
-def make_model(target: str, seq: int, out: Path) -> dict:
+def make_model(target: str, seq: int, out: Path, precision: str) -> dict:
     """A fresh Llama of about `target` parameters (the pipeline's own shape rule) saved in `out`, and
-    its NF4 conversion in `out`-nf4."""
+    its NF4 conversion for a run of `precision` in `out`-nf4."""
     import torch
     import transformers
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -68,11 +69,11 @@ def make_model(target: str, seq: int, out: Path) -> dict:
     arch = architecture(load_settings({**size, "MAX_LENGTH": str(seq)}))
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(**arch)).save_pretrained(out)
-    convert(out, out.with_name(out.name + "-nf4"), "nf4", "bf16")
+    convert(out, out.with_name(out.name + "-nf4"), "nf4", precision)
     return arch
 
 
-def measure(case: str, model_dir: str, batch: int, seq: int, steps: int, checkpointing: bool) -> dict:
+def measure(case: str, model_dir: str, batch: int, seq: int, steps: int, checkpointing: bool, precision: str) -> dict:
     """Runs in its own process: train.fit on a prepared directory holding the model; peak memory."""
     import torch
 
@@ -117,7 +118,7 @@ def measure(case: str, model_dir: str, batch: int, seq: int, steps: int, checkpo
     s = load_settings({"BATCH_SIZE": str(batch), "MAX_LENGTH": str(seq), "SHARD_STEPS": str(steps), "TIME_BUDGET": "10h",
                        "EVAL_INTERVAL": "0", "SAVE_INTERVAL": "0",
                        "GRADIENT_CHECKPOINTING": "true" if checkpointing else "false", "WORK_DIR": str(work),
-                       "USE_QUANT": "false" if case == "full" else "true", "PRECISION": "bf16"})
+                       "USE_QUANT": "false" if case == "full" else "true", "PRECISION": precision})
     before = rss_kib("VmRSS")
     with contextlib.redirect_stdout(io.StringIO()):
         rc = train.fit(s, work)
@@ -139,10 +140,10 @@ def measure(case: str, model_dir: str, batch: int, seq: int, steps: int, checkpo
             "process_peak_bytes": peak * 1024}
 
 
-def run_case(case: str, model_dir: Path, batch: int, seq: int, steps: int, checkpointing: bool) -> dict:
+def run_case(case: str, model_dir: Path, batch: int, seq: int, steps: int, checkpointing: bool, precision: str) -> dict:
     """`measure` in a fresh process (so that each peak is its own)."""
     p = subprocess.run([sys.executable, __file__, "--measure", case, str(model_dir), str(batch), str(seq), str(steps),
-                        "on" if checkpointing else "off"], capture_output=True, text=True)
+                        "on" if checkpointing else "off", precision], capture_output=True, text=True)
     if p.returncode != 0:
         raise RuntimeError(f"memory case {case} failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -155,17 +156,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--checkpointing", default="off,on", help="gradient checkpointing settings to run: off, on or both")
-    ap.add_argument("--measure", nargs=6, help=argparse.SUPPRESS)
-    ap.add_argument("--make", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--precision", default="auto", help="bf16 | fp16 | fp32 | auto (what a run uses on this machine)")
+    ap.add_argument("--measure", nargs=7, help=argparse.SUPPRESS)
+    ap.add_argument("--make", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.make:
-        target, seq, out = args.make
-        print(json.dumps(make_model(target, int(seq), Path(out))))
+        target, seq, out, precision = args.make
+        print(json.dumps(make_model(target, int(seq), Path(out), precision)))
         return 0
     if args.measure:
-        case, model_dir, batch, seq, steps, ckpt = args.measure
-        print(json.dumps(measure(case, model_dir, int(batch), int(seq), int(steps), ckpt == "on")))
+        case, model_dir, batch, seq, steps, ckpt, precision = args.measure
+        print(json.dumps(measure(case, model_dir, int(batch), int(seq), int(steps), ckpt == "on", precision)))
         return 0
+    from clean_env import machine_precision
+
+    precision = machine_precision(args.precision)
 
     import torch
 
@@ -178,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     cases, table = [], []
     for size in args.sizes.split(","):
         # In its own process: the NF4 conversion runs on the GPU, whose memory this one must not hold.
-        made = subprocess.run([sys.executable, __file__, "--make", size, str(args.seq), str(work / size)],
+        made = subprocess.run([sys.executable, __file__, "--make", size, str(args.seq), str(work / size), precision],
                               capture_output=True, text=True)
         if made.returncode != 0:
             raise RuntimeError(f"building the {size} model failed:\n{made.stderr[-4000:]}")
@@ -187,10 +192,10 @@ def main(argv: list[str] | None = None) -> int:
         for case in ("full", "nf4"):
             for ckpt in args.checkpointing.split(","):
                 on = ckpt == "on"
-                est = estimate(arch, precision="bf16", batch=args.batch, seq=args.seq, checkpointing=on, nf4=case == "nf4", gpu=gpu)
-                got = run_case(case, work / size, args.batch, args.seq, args.steps, on)
+                est = estimate(arch, precision=precision, batch=args.batch, seq=args.seq, checkpointing=on, nf4=case == "nf4", gpu=gpu)
+                got = run_case(case, work / size, args.batch, args.seq, args.steps, on, precision)
                 err = est.training_bytes / got["training_peak_bytes"] - 1
-                cases.append({"size": size, "parameters": n, "mode": "bf16 full" if case == "full" else "NF4+LoRA",
+                cases.append({"size": size, "parameters": n, "mode": f"{precision} full" if case == "full" else "NF4+LoRA",
                               "checkpointing": on, "measured": got, "estimate": est.as_dict(), "rel_error": round(err, 4),
                               "process_rel_error": round((est.training_bytes + est.runtime_bytes) / got["process_peak_bytes"] - 1, 4)})
                 table.append(f"{size:>6} {n / 1e6:6.1f}M {cases[-1]['mode']:<9} ckpt {ckpt:<3} "
@@ -201,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"bench": "memory", "cases": cases, "table": table,
                       "max_abs_rel_error": round(max(abs(c["rel_error"]) for c in cases), 4),
                       "max_abs_process_rel_error": round(max(abs(c["process_rel_error"]) for c in cases), 4),
-                      "batch": args.batch, "seq": args.seq, "steps": args.steps,
+                      "batch": args.batch, "seq": args.seq, "steps": args.steps, "precision": precision,
                       "machine": {"cpu": platform.machine(), "cores": os.cpu_count(),
                                   "gpu": torch.cuda.get_device_name(0) if gpu else None}}))
     return 0

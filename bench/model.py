@@ -127,18 +127,16 @@ def generation(cfg, vocab: int, prompts: int, new_tokens: int) -> dict[str, floa
 
 
 def train_step_times(steps: int, seq: int, batch: int) -> dict[str, float]:
-    from types import SimpleNamespace
-
     import torch
     from transformers import LlamaConfig
 
     from architecture import config_kwargs
-    from config import resolve_precision
-    from quant_utils import storage_dtype
+    from clean_env import machine_precision
     from lm_loss import causal_lm_loss
+    from quant_utils import storage_dtype
     from throughput import VOCAB, bench_architecture
 
-    precision = resolve_precision(SimpleNamespace(precision="auto"))
+    precision = machine_precision()
     dtype = storage_dtype(precision)
     cfg = LlamaConfig(**config_kwargs(bench_architecture(seq=seq), seq), pad_token_id=0)
     cfg._attn_implementation = "sdpa"
