@@ -31,11 +31,17 @@ $(STAMP): requirements.txt requirements-dev.txt constraints.txt Makefile
 run: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" ./trainer.sh
 
+# The suite runs on one pytest-xdist worker per core (at most 4; TEST_WORKERS=1 runs it in one
+# process), the cores shared out between them (tests/conftest.py); an idle worker takes tests
+# queued on a busy one (worksteal), so the long end-to-end tests do not end up queued on one.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
+
 test: setup chromium
-	$(PY) -m pytest -q tests
+	$(PYTEST) tests
 
 test-fast: setup chromium
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 bench: setup
 	$(PY) bench/throughput.py --corpus data/pretrain.jsonl

@@ -16,6 +16,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+# Under pytest-xdist (`make test` runs one worker per core, up to 4) the cores are shared out: each
+# worker and every pipeline it starts computes on cores/workers threads. Two jobs each spinning
+# all-cores thread pools on the same cores slow each other many times over (OpenMP waits spin).
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // WORKERS)))
 sys.path.append(str(ROOT / "bench"))  # after the project: bench/ has its own convert.py, model.py, status_page.py
 
 from clean_env import free_port, head_jsonl  # noqa: E402,F401 - the benchmarks' helpers, shared by the tests

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,15 +30,28 @@ def stored_dtype(run: dict) -> str:
 
 @pytest.fixture(scope="module")
 def done(tmp_path_factory):
-    """One full pipeline run to done (2 pretrain shards + 1 instruct shard), shared by the tests below."""
-    tmp = tmp_path_factory.mktemp("pipeline")
-    env = make_env(tmp)
-    env["HF_TOKEN"] = TOKEN  # set but unused (local output): must still never be written anywhere
-    # every tracker: trackio locally, W&B offline (no WANDB_API_KEY), TensorBoard into runs/
-    env.update({"REPORT_TO": "tensorboard,trackio,wandb", "TRACKIO_DIR": str(tmp / "trackio")})
-    p = run(["./trainer.sh"], env, timeout=900)
-    assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-6000:]
-    return env, p
+    """One full pipeline run to done (2 pretrain shards + 1 instruct shard), shared by the tests below:
+    run once per test session; under pytest-xdist the first worker to need it runs it while the others
+    wait on a lock, then read what it left."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, above each worker's own
+    tmp, kept = root / "e2e-pipeline", root / "e2e-pipeline.json"
+    with open(root / "e2e-pipeline.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if kept.exists():
+            env, rc, out, err = json.loads(kept.read_text())
+            return env, subprocess.CompletedProcess(["./trainer.sh"], rc, out, err)
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed attempt's
+        tmp.mkdir()
+        env = make_env(tmp)
+        env["HF_TOKEN"] = TOKEN  # set but unused (local output): must still never be written anywhere
+        # every tracker: trackio locally, W&B offline (no WANDB_API_KEY), TensorBoard into runs/
+        env.update({"REPORT_TO": "tensorboard,trackio,wandb", "TRACKIO_DIR": str(tmp / "trackio")})
+        p = run(["./trainer.sh"], env, timeout=900)
+        assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-6000:]
+        kept.write_text(json.dumps([env, p.returncode, p.stdout, p.stderr]))
+        return env, p
 
 
 def test_runs_to_done_with_state_and_history(done):
