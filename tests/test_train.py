@@ -89,3 +89,22 @@ def test_gradient_checkpointing_follows_the_setting_and_auto_follows_the_memory_
     assert use_gradient_checkpointing(s, architecture(s), "bf16", nf4=False) is False  # fits without it
     monkeypatch.setattr(mem_estimate, "available_memory", lambda: (24 * 2**30, False, 0))
     assert use_gradient_checkpointing(s, architecture(s), "bf16", nf4=False) is True
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_lora_adapters_on_nf4_keep_the_dtype_of_the_runs_precision(parts, tmp_path, precision):
+    """TRL casts a quantized model's trainable weights to bf16 whatever the run's precision; the
+    trainer keeps the dtype add_lora gave them (fp32 in an fp32 run: a CPU without bf16 units)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from quant_utils import add_lora, convert, storage_dtype
+
+    tok, ds, model, _ = parts
+    model.save_pretrained(tmp_path / "float")
+    convert(tmp_path / "float", tmp_path / "nf4", "nf4", precision)
+    peft = add_lora(AutoModelForCausalLM.from_pretrained(tmp_path / "nf4", device_map={"": "cpu"}),
+                    load_settings({"USE_QUANT": "true"}), False, precision)
+    trainer = _trainer((tok, ds, peft, tmp_path / "out"), [])
+    adapters = {p.dtype for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert adapters == {storage_dtype(precision)}
