@@ -19,9 +19,11 @@ def _json(p) -> dict:
 
 def test_throughput_bench(env, tmp_path):
     corpus = head_jsonl(ROOT / "data" / "pretrain.jsonl", tmp_path / "c.jsonl", 600)
-    out = _json(run([sys.executable, "bench/throughput.py", "--corpus", str(corpus), "--steps", "2"], env, timeout=600))
+    # the benchmark's model at a short sequence and batch: the flow and the keys, not the figures
+    out = _json(run([sys.executable, "bench/throughput.py", "--corpus", str(corpus), "--steps", "2", "--seq", "128",
+                     "--batch", "2"], env, timeout=600))
     assert out["real_tokens_per_s"] > 0 and out["baseline_real_tokens_per_s"] > 0 and 0 < out["mfu"] < 1
-    assert 25_000_000 < out["model"]["parameters"] < 30_000_000
+    assert 25_000_000 < out["model"]["parameters"] < 30_000_000 and (out["model"]["seq"], out["model"]["batch"]) == (128, 2)
 
 
 def test_prep_bench(env):
