@@ -3,9 +3,9 @@
     python bench/memory.py [--sizes 20M,60M,120M] [--batch 4] [--seq 256] [--steps 3] [--checkpointing off,on]
 
 For each model size (a parameter count, or a preset name such as 1B) x {full training, NF4 base +
-LoRA} x gradient checkpointing, in the precision a run uses on this machine (--precision; auto: bf16
-on a GPU or a CPU with bf16 units, fp32 on a CPU without), one process runs train.py's own `fit` (TRL + DeepSpeed
-ZeRO-2, validation before and after, the LoRA merge, the final save) on a prepared directory with a
+LoRA} x gradient checkpointing, in the precision a run uses on this machine (--precision; auto:
+bf16 on a GPU or a CPU with bf16 units, fp32 on a CPU without), one process runs train.py's own
+`fit` (TRL + DeepSpeed ZeRO-2, validation before and after, the LoRA merge, the final save) on a prepared directory with a
 fresh model of that size. Measured on CPU: the process's peak resident memory (VmHWM) minus its
 resident memory once the libraries are imported (what `training_bytes` of the estimate stands for),
 and the whole process's peak beside the estimate with the runtime included. On a GPU: the peak GPU

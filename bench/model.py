@@ -11,9 +11,9 @@
   into our model, in a fresh process: seconds, and peak RSS against the model's own bytes plus the
   memory-mapped source's (what is above both is what the copy holds at once: one tensor);
 - training step: the throughput benchmark's ~27M model (d=512, 6 layers, vocab 8192, untied,
-  sequences of 512, batch 8) in the precision PRECISION=auto gives here (bf16 on a CPU with bf16
-  units or a bf16 GPU, fp32 otherwise: emulated bf16 is not what a run would use), the step the trainer runs (decoder → chunked LM-head loss →
-  backward → AdamW), alternated between transformers' class, ours, and ours with COMPILE (each
+  sequences of 512, batch 8; --seq/--batch) in the precision PRECISION=auto gives here (bf16 on a
+  CPU with bf16 units or a bf16 GPU, fp32 otherwise: emulated bf16 is not what a run would use),
+  the step the trainer runs (decoder → chunked LM-head loss → backward → AdamW), alternated between transformers' class, ours, and ours with COMPILE (each
   block through torch.compile, dynamic shapes); the median step time of each, and the compile's
   one-time cost (its first step less the median).
 
