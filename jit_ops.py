@@ -7,9 +7,12 @@ folder; a process killed while it holds it (kill -9, a container stopped mid-bui
 behind, and from then on every run waits for it forever, without a word.
 
 `load_comm_op` takes the build under a lock of our own, an flock that the kernel releases when its
-holder dies: whoever holds it knows that no build of ours is running, so a torch lock file found
-then is stale. It is removed with a log line, and the op is loaded in this process (DeepSpeed
-reuses the loaded op instead of building again). Waiting for another process's build is bounded.
+holder dies: whoever holds it knows that no build of ours is running. A torch lock file found then
+may still be live: any other DeepSpeed program sharing the cache builds without our flock. torch's
+builder keeps its lock file open for the whole build, so a lock file no process has open (checked
+twice, half a second apart, to step over a release in progress) is stale: it is removed with a log
+line. One that a process has open is waited for. Then the op is loaded in this process (DeepSpeed
+reuses the loaded op instead of building again). Every wait is bounded.
 """
 
 from __future__ import annotations
@@ -57,9 +60,8 @@ def load_comm_op(log=print, wait_s: float = WAIT_S) -> str:
                         f"another process has been building DeepSpeed's ops in {root} for over {wait_s:.0f} s. Fix: "
                         "let it finish, or stop it; a killed build releases its lock by itself.") from None
                 time.sleep(0.2)
-        stale = sorted(p for p in root.glob("*/lock") if p.is_file())
-        for p in stale:
-            age = time.time() - p.stat().st_mtime
+        stale = _stale_locks(root, t0, wait_s, log)
+        for p, age in stale:
             log(f"removing a stale build lock left by a killed build ({p}, {age:.0f} s old): no build is running")
             p.unlink(missing_ok=True)
         sweep_comm_buffers(log)
@@ -67,6 +69,55 @@ def load_comm_op(log=print, wait_s: float = WAIT_S) -> str:
         builder.load(verbose=False)
         fcntl.flock(guard, fcntl.LOCK_UN)
     return f"{builder.NAME} loaded in {time.perf_counter() - t:.1f} s" + (f" ({len(stale)} stale lock(s) removed)" if stale else "")
+
+
+def _holders(paths: set[str]) -> dict[str, list[int]]:
+    """Which processes have each of `paths` open (what /proc/*/fd shows; this user's processes)."""
+    held: dict[str, list[int]] = {}
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            for fd in fd_dir.iterdir():
+                target = os.readlink(fd)
+                if target in paths:
+                    held.setdefault(target, []).append(int(fd_dir.parent.name))
+        except OSError:
+            continue
+    return held
+
+
+def _identity(p: Path) -> tuple[int, int, float] | None:
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino, st.st_mtime
+
+
+def _stale_locks(root: Path, t0: float, wait_s: float, log=print) -> list[tuple[Path, float]]:
+    """torch lock files under `root` that no process holds, with their age in seconds. A lock some
+    process holds open is a build outside our flock: waited for until it goes, up to `wait_s`
+    (counted from `t0`)."""
+    told = False
+    while True:
+        locks = {p: _identity(p) for p in root.glob("*/lock")}
+        if not locks:
+            return []
+        real = {os.path.realpath(p) for p in locks}  # what /proc shows, whatever links lead to the cache
+        held = _holders(real)
+        if not held:
+            time.sleep(0.5)  # a builder between closing its lock file and removing it
+            held = _holders(real)
+            if not held:
+                return [(p, time.time() - ident[2]) for p, ident in sorted(locks.items())
+                        if ident is not None and _identity(p) == ident]
+        who = "; ".join(f"{path} by pid {', '.join(map(str, pids))}" for path, pids in sorted(held.items()))
+        if not told:
+            log(f"waiting for another program's DeepSpeed op build to finish ({who})")
+            told = True
+        if time.monotonic() - t0 > wait_s:
+            raise BuildLockTimeout(f"another process has been building DeepSpeed's ops for over {wait_s:.0f} s "
+                                   f"({who}). Fix: let it finish, or stop it.")
+        time.sleep(0.2)
 
 
 SHM = Path("/dev/shm")

@@ -536,6 +536,42 @@ def test_a_stale_build_lock_is_removed_and_a_live_build_is_waited_for_with_a_lim
         holder.wait()
 
 
+def test_a_build_lock_another_program_holds_open_is_waited_for_not_removed(tmp_path):
+    """A DeepSpeed program that is not ours builds in the same cache without our flock: torch keeps
+    its lock file open for the whole build. That lock is live: it is waited for (within the limit,
+    the holder named), never removed under the builder's feet, and the load goes on once it is
+    released."""
+    ext = tmp_path / "ext" / "py_cpu"
+    lock = ext / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(ext), "DS_ACCELERATOR": "cpu"}
+    hold = ("import os, sys, time; fd = os.open(sys.argv[1], os.O_CREAT | os.O_EXCL); print('held', flush=True); "
+            "sys.stdin.readline(); os.close(fd); os.remove(sys.argv[1]); print('released', flush=True)")
+    builder = subprocess.Popen([sys.executable, "-c", hold, str(lock)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               text=True)
+    try:
+        assert builder.stdout.readline().strip() == "held"
+        code = ("import sys; sys.path.insert(0, '.'); from jit_ops import load_comm_op, BuildLockTimeout\n"
+                "try:\n    load_comm_op(wait_s=1)\nexcept BuildLockTimeout as e:\n    print('timeout:', e); sys.exit(7)")
+        p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=60)
+        assert p.returncode == 7 and f"pid {builder.pid}" in p.stdout and str(lock) in p.stdout, p.stdout + p.stderr
+        assert lock.exists()
+        code = ("import sys; sys.path.insert(0, '.'); from jit_ops import _stale_locks; import time\n"
+                "from pathlib import Path; print('stale:', _stale_locks(Path(sys.argv[1]), time.monotonic(), 60.0))")
+        waiter = subprocess.Popen([sys.executable, "-c", code, str(ext)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        time.sleep(3)
+        assert waiter.poll() is None, waiter.communicate()  # still waiting for the live build
+        out, _ = builder.communicate("\n", timeout=30)
+        assert builder.returncode == 0 and out.strip() == "released"  # its own release found its lock
+        out, err = waiter.communicate(timeout=60)
+        assert waiter.returncode == 0 and "stale: []" in out, out + err
+    finally:
+        builder.kill()
+        builder.wait()
+
+
 def test_comm_buffers_no_process_maps_are_swept_and_live_or_fresh_ones_kept(monkeypatch, tmp_path):
     import mmap
 
