@@ -59,7 +59,14 @@ def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     whole accumulated batch, as the Trainer passes it) the sum is divided by that instead of this
     batch's count, so gradient accumulation averages correctly.
     """
-    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     y = labels[:, 1:].reshape(-1)
-    n = torch.as_tensor(num_items if num_items is not None else (y != -100).sum(), device=h.device).clamp(min=1)
+    keep = y != -100
+    n = torch.as_tensor(num_items if num_items is not None else keep.sum(), device=hidden.device).clamp(min=1)
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    if not bool(keep.all()):
+        # Only positions with a label go through the head: in a chat that is the assistant's tokens,
+        # so the prompts' share of the head's matmuls and softmax (a quarter of this model's FLOPs
+        # at the default size) is not spent. Their gradient is zero either way.
+        rows = keep.nonzero().squeeze(1)
+        h, y = h.index_select(0, rows), y.index_select(0, rows)
     return _FusedLinearCrossEntropy.apply(h, weight, y, n.to(torch.float32))

@@ -50,3 +50,26 @@ def test_bf16_close_to_fp32():
     ref = causal_lm_loss(h, w, y)
     low = causal_lm_loss(h.bfloat16(), w.bfloat16(), y)
     assert abs(float(low) - float(ref)) / float(ref) < 0.01
+
+
+def test_only_positions_with_a_label_go_through_the_head(monkeypatch):
+    """A chat's prompt tokens carry no loss: the head's matmuls and softmax run on the labelled
+    positions only, and a batch without any label gives a zero loss and zero gradients."""
+    seen = []
+    apply = lm_loss._FusedLinearCrossEntropy.apply
+    monkeypatch.setattr(lm_loss._FusedLinearCrossEntropy, "apply",
+                        lambda h, w, y, n: seen.append(h.shape[0]) or apply(h, w, y, n))
+    torch.manual_seed(3)
+    h, w = torch.randn(2, 10, 8, requires_grad=True), torch.randn(30, 8, requires_grad=True)
+    y = torch.randint(0, 30, (2, 10))
+    y[0, :6] = -100
+    y[1, 7:] = -100
+    causal_lm_loss(h, w, y).backward()
+    assert seen == [int((y[:, 1:] != -100).sum())] == [10]
+    assert h.grad[0, :5].abs().sum() == 0 and h.grad[0, 5:9].abs().sum() > 0  # position t predicts t+1
+
+    none = torch.full((2, 10), -100)
+    h.grad = w.grad = None
+    loss = causal_lm_loss(h, w, none)
+    loss.backward()
+    assert float(loss) == 0 and h.grad.abs().sum() == 0 and w.grad.abs().sum() == 0
