@@ -26,7 +26,7 @@ from errors import BadInput, report
 from architecture import DEFAULT_PRESET, LORA_TARGETS, PRESETS, RENAMED_PRESETS, config_kwargs, count_parameters, preset_shape, shape, size_for_target
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, Field, PrivateAttr, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 # On CPUs with AVX512-bf16, bitsandbytes looks for an optional kernel package and warns at import
@@ -151,6 +151,8 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(case_sensitive=True, env_ignore_empty=True, extra="ignore",
                                       populate_by_name=True, validate_default=True)
+    # The Hub client of these settings (hub.hub builds it on first use): it lives and dies with them.
+    _hub_client: Any = PrivateAttr(default=None)
 
     # --- run state -------------------------------------------------------------------------------
     init: int | None = _env("INIT", default=None, ge=0,

@@ -17,20 +17,19 @@ from config import Settings
 from errors import BadInput, RunFailure
 from run_state import STATE_FILE
 
-_HUBS: dict[int, "Hub"] = {}
-
-
 def hub(s: Settings) -> "Hub":
-    """The Hub client of these settings (one per process and settings)."""
-    if id(s) not in _HUBS:
-        _HUBS[id(s)] = Hub(s)
-    return _HUBS[id(s)]
+    """The Hub client of these settings, built on first use and kept by the settings object itself
+    (a copy of the settings, or another object, gets a client of its own)."""
+    h = s._hub_client
+    if h is None or h.s is not s:
+        h = s._hub_client = Hub(s)
+    return h
 
 
 def retries_made(s: Settings) -> dict[str, int]:
     """The retries the client of these settings made so far, by call (empty when none was built)."""
-    h = _HUBS.get(id(s))
-    return dict(h.retries) if h is not None else {}
+    h = s._hub_client
+    return dict(h.retries) if h is not None and h.s is s else {}
 
 
 class HubError(RunFailure):

@@ -231,3 +231,31 @@ def test_a_read_that_stalls_past_hub_timeout_fails_even_with_no_cached_copy(hub,
     p = run([sys.executable, "-c", code], env, timeout=300)
     assert p.stdout.strip().splitlines()[-1] == "HubError", p.stdout + p.stderr
     assert head.fired >= 1
+
+
+def test_each_settings_object_has_its_own_client_for_its_whole_life():
+    """The client is kept by the settings object: the same object gets the same client (its retry
+    counts with it); when the settings are gone, so is their client and the token it holds, and
+    settings built later (in memory the earlier ones may have freed) get a client of their own."""
+    import gc
+    import weakref
+
+    import hub as hub_module
+    from config import load_settings
+
+    base = {"PATH": os.environ.get("PATH", ""), "HF_HUB_OFFLINE": "1"}
+    first = load_settings({**base, "HF_TOKEN": "hf_firstTokenOfTheTests0123456789ab"})
+    client = hub_module.hub(first)
+    assert hub_module.hub(first) is client and hub_module.retries_made(first) == {}
+    client.retries["model_info"] = 2
+    assert hub_module.retries_made(first) == {"model_info": 2}
+    gone = weakref.ref(client)
+    del first, client
+    gc.collect()
+    assert gone() is None
+    for i in range(20):
+        token = f"hf_laterTokenOfTheTests{i:02d}0123456789ab"
+        later = load_settings({**base, "HF_TOKEN": token})
+        assert hub_module.retries_made(later) == {} and hub_module.hub(later).token == token
+        del later
+        gc.collect()
