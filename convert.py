@@ -169,13 +169,25 @@ class Pusher:
             problems = access_problems([self.target], self.s)
             if problems:
                 raise BadInput("; ".join(problems))
+        # A local directory may be a pipeline's output: one writer at a time, as between two runs,
+        # taken before any work (a live run there is said now, not after the conversion)
+        import output_lock
+
+        self.held = output_lock.acquire_dir(self.target.local_dir) if self.target.local_dir is not None else []
 
     def push(self, output: Path, kind: str) -> str:
+        files = [output] if output.is_file() else sorted(output.iterdir())
+        try:
+            self._deliver(files, output, kind, self.target.head())
+        finally:
+            for fd in self.held:
+                os.close(fd)
+            self.held = []
+        return self.target.spec
+
+    def _deliver(self, files: list[Path], output: Path, kind: str, revision: str | None) -> None:
         import tempfile
         import uuid
-
-        files = [output] if output.is_file() else sorted(output.iterdir())
-        revision = self.target.head()
 
         def fill(staged: Path) -> None:
             for f in files:
@@ -184,7 +196,6 @@ class Pusher:
         with tempfile.TemporaryDirectory(prefix="convert-push-") as work:
             self.target.deliver(Path(work), fill, f"convert.py {kind}: {output.name}", uuid.uuid4().hex,
                                 revision, only=[f.name + ("/" if f.is_dir() else "") for f in files])
-        return self.target.spec
 
 
 def main(argv: list[str] | None = None) -> int:

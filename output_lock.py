@@ -101,6 +101,33 @@ def acquire(s: Settings) -> list[int]:
     return fds
 
 
+def acquire_dir(d: Path) -> list[int]:
+    """Lock a local directory that something other than a pipeline writes into (convert.py --push):
+    the lock a pipeline whose OUTPUT_REPO it is would hold, and where it is a pipeline's chat output
+    (OUTPUT_REPO-it) with that pipeline's lock beside, that one too. Raises OutputBusy naming the
+    holder; released when this process ends or closes the descriptors."""
+    if os.environ.get(INHERITED) == "1":
+        return []
+    d = d.resolve()
+    paths = [d.with_name(d.name + ".lock")]
+    if d.name.endswith("-it"):
+        pipeline = d.with_name(d.name.removesuffix("-it") + ".lock")
+        if pipeline.exists():  # a pipeline creates its lock file before it writes anything
+            paths.append(pipeline)
+    fds = []
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fds.append(fd)
+        try:
+            _lock_fd(fd, path, os.getpid())
+        except BaseException:
+            for f in fds:
+                os.close(f)
+            raise
+    return fds
+
+
 def probe(s: Settings) -> str | None:
     """Who holds the outputs of these settings, or None when a run could take them now (preflight)."""
     if os.environ.get(INHERITED) == "1":

@@ -402,3 +402,28 @@ def test_an_nf4_base_is_requantized_from_the_dtype_its_quant_state_records(dtype
     assert layouts.nf4_source_precision(states) == expected
     with pytest.raises(layouts.BadInput, match="no quant state"):
         layouts.nf4_source_precision({k: v for k, v in states.items() if "quant_state" not in k})
+
+
+def test_push_into_a_live_pipelines_output_is_refused_before_any_work(tmp_path, env):
+    """A local --push target a running pipeline holds (its OUTPUT_REPO, or its OUTPUT_REPO-it) is
+    one writer too many: refused at once, naming the holder, with nothing converted or written;
+    once the run is gone the push goes through."""
+    from conftest import run
+    from test_hardening import _holder
+
+    src, _ = hf_dir_with_tokenizer(tmp_path)
+    out = Path(env["OUTPUT_REPO"])
+    holder = _holder(env)
+    try:
+        for target in (out, out.with_name(out.name + "-it")):
+            gguf = tmp_path / f"{target.name}.gguf"
+            p = run([sys.executable, "convert.py", "gguf", str(src), str(gguf), "--push", str(target)], env, timeout=300)
+            assert p.returncode == 1 and f"in use by another run: pid {holder.pid}" in p.stderr, p.stdout + p.stderr
+            assert not gguf.exists() and not target.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    target = out.with_name(out.name + "-it")
+    p = run([sys.executable, "convert.py", "gguf", str(src), str(tmp_path / "m.gguf"), "--push", str(target)], env,
+            timeout=300)
+    assert p.returncode == 0 and (target / "m.gguf").is_file(), p.stdout + p.stderr
