@@ -11,14 +11,17 @@ holder dies: whoever holds it knows that no build of ours is running. A torch lo
 may still be live: any other DeepSpeed program sharing the cache builds without our flock. torch's
 builder keeps its lock file open for the whole build, so a lock file no process has open (checked
 twice, half a second apart, to step over a release in progress) is stale: it is removed with a log
-line. One that a process has open is waited for. Then the op is loaded in this process (DeepSpeed
-reuses the loaded op instead of building again). Every wait is bounded.
+line. The op's own lock, while a process has it open (or another user owns it), is waited for, up
+to a limit. Then the op is loaded in this process (DeepSpeed reuses the loaded op instead of
+building again). Builders this process cannot see (another user's processes, another container
+sharing the cache) look like killed ones: give each its own TORCH_EXTENSIONS_DIR.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import stat
 import time
 from pathlib import Path
 
@@ -35,6 +38,9 @@ def extensions_root() -> Path:
     from torch.utils.cpp_extension import _get_build_directory
 
     return Path(_get_build_directory("deepspeed_shm_comm", verbose=False)).parent
+
+
+OP = "deepspeed_shm_comm"
 
 
 def load_comm_op(log=print, wait_s: float = WAIT_S) -> str:
@@ -60,7 +66,7 @@ def load_comm_op(log=print, wait_s: float = WAIT_S) -> str:
                         f"another process has been building DeepSpeed's ops in {root} for over {wait_s:.0f} s. Fix: "
                         "let it finish, or stop it; a killed build releases its lock by itself.") from None
                 time.sleep(0.2)
-        stale = _stale_locks(root, t0, wait_s, log)
+        stale = _stale_locks(root, wait_s, log)
         for p, age in stale:
             log(f"removing a stale build lock left by a killed build ({p}, {age:.0f} s old): no build is running")
             p.unlink(missing_ok=True)
@@ -71,53 +77,85 @@ def load_comm_op(log=print, wait_s: float = WAIT_S) -> str:
     return f"{builder.NAME} loaded in {time.perf_counter() - t:.1f} s" + (f" ({len(stale)} stale lock(s) removed)" if stale else "")
 
 
-def _holders(paths: set[str]) -> dict[str, list[int]]:
-    """Which processes have each of `paths` open (what /proc/*/fd shows; this user's processes)."""
-    held: dict[str, list[int]] = {}
+def _lock_files(root: Path) -> dict[Path, os.stat_result]:
+    found = {}
+    for p in root.glob("*/lock"):
+        try:
+            st = p.stat()
+        except FileNotFoundError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            found[p] = st
+    return found
+
+
+def _holders(locks: dict[Path, os.stat_result]) -> dict[Path, list[int]]:
+    """The processes that have each lock file open, matched by device and inode (whatever path, link
+    or bind mount they opened it by); only processes whose /proc entries this user may read."""
+    wanted = {(st.st_dev, st.st_ino): p for p, st in locks.items()}
+    held: dict[Path, list[int]] = {}
     for fd_dir in Path("/proc").glob("[0-9]*/fd"):
         try:
-            for fd in fd_dir.iterdir():
-                target = os.readlink(fd)
-                if target in paths:
-                    held.setdefault(target, []).append(int(fd_dir.parent.name))
+            fds = list(fd_dir.iterdir())
         except OSError:
             continue
+        for fd in fds:
+            try:
+                if not os.readlink(fd).endswith("/lock"):
+                    continue
+                st = os.stat(fd)
+            except OSError:  # closed meanwhile, or not ours to read
+                continue
+            p = wanted.get((st.st_dev, st.st_ino))
+            if p is not None:
+                held.setdefault(p, []).append(int(fd_dir.parent.name))
     return held
 
 
-def _identity(p: Path) -> tuple[int, int, float] | None:
-    try:
-        st = p.stat()
-    except FileNotFoundError:
-        return None
-    return st.st_dev, st.st_ino, st.st_mtime
+def _busy(locks: dict[Path, os.stat_result]) -> dict[Path, str]:
+    """The lock files that are not stale, with who holds them: a process that has them open, or
+    another user (whose processes this one may not see)."""
+    busy = {p: "pid " + ", ".join(map(str, sorted(pids))) for p, pids in _holders(locks).items()}
+    if os.getuid() != 0:
+        busy.update({p: f"uid {st.st_uid}" for p, st in locks.items() if st.st_uid != os.getuid() and p not in busy})
+    return busy
 
 
-def _stale_locks(root: Path, t0: float, wait_s: float, log=print) -> list[tuple[Path, float]]:
-    """torch lock files under `root` that no process holds, with their age in seconds. A lock some
-    process holds open is a build outside our flock: waited for until it goes, up to `wait_s`
-    (counted from `t0`)."""
-    told = False
+def _stale_locks(root: Path, wait_s: float, log=print) -> list[tuple[Path, float]]:
+    """torch lock files under `root` that are stale (nobody holds them), with their age in seconds.
+    The op's own lock, while it is held, is waited for, up to `wait_s`; other ops' held locks are
+    left alone."""
+    ours, t0, told = root / OP / "lock", time.monotonic(), False
     while True:
-        locks = {p: _identity(p) for p in root.glob("*/lock")}
+        locks = _lock_files(root)
         if not locks:
             return []
-        real = {os.path.realpath(p) for p in locks}  # what /proc shows, whatever links lead to the cache
-        held = _holders(real)
-        if not held:
-            time.sleep(0.5)  # a builder between closing its lock file and removing it
-            held = _holders(real)
-            if not held:
-                return [(p, time.time() - ident[2]) for p, ident in sorted(locks.items())
-                        if ident is not None and _identity(p) == ident]
-        who = "; ".join(f"{path} by pid {', '.join(map(str, pids))}" for path, pids in sorted(held.items()))
+        busy = _busy(locks)
+        if ours not in busy:
+            time.sleep(0.5)  # a builder between creating its lock file and holding it, or releasing it
+            busy = _busy(locks)
+            if ours not in busy:
+                return [(p, time.time() - st.st_mtime) for p, st in sorted(locks.items())
+                        if p not in busy and _unchanged(p, st)]
         if not told:
-            log(f"waiting for another program's DeepSpeed op build to finish ({who})")
+            log(f"waiting for another program's DeepSpeed op build to finish ({ours} held by {busy[ours]})")
             told = True
-        if time.monotonic() - t0 > wait_s:
-            raise BuildLockTimeout(f"another process has been building DeepSpeed's ops for over {wait_s:.0f} s "
-                                   f"({who}). Fix: let it finish, or stop it.")
-        time.sleep(0.2)
+        waited = time.monotonic() - t0
+        if waited > wait_s:
+            raise BuildLockTimeout(
+                f"{ours} has stayed held by {busy[ours]} for the {waited:.0f} s this run waited: a build of DeepSpeed's "
+                "op by another program. Fix: let it finish; if that is not a build (a process left over from a killed "
+                "one, or another user's), stop it or remove the lock file; or give this run its own "
+                "TORCH_EXTENSIONS_DIR.")
+        time.sleep(1.0)
+
+
+def _unchanged(p: Path, st: os.stat_result) -> bool:
+    try:
+        now = p.stat()
+    except FileNotFoundError:
+        return False
+    return (now.st_dev, now.st_ino, now.st_mtime) == (st.st_dev, st.st_ino, st.st_mtime)
 
 
 SHM = Path("/dev/shm")

@@ -459,6 +459,38 @@ def _holder(env: dict[str, str]) -> subprocess.Popen:
     return p
 
 
+def test_a_push_under_trainer_sh_skips_only_the_locks_its_pipeline_holds(env, monkeypatch, tmp_path):
+    """Under trainer.sh (TRAIN_LLAMA_LOCKED=1) the pipeline's own output lock is held by the process
+    tree already: taking it again would call the run busy with itself. Any other directory is
+    locked as usual."""
+    import fcntl
+
+    import output_lock
+
+    for k in ("OUTPUT_REPO", "WORK_DIR"):
+        monkeypatch.setenv(k, env[k])
+    monkeypatch.setenv(output_lock.INHERITED, "1")
+    out = Path(env["OUTPUT_REPO"])
+    mine = out.with_name(out.name + ".lock")
+    mine.parent.mkdir(parents=True, exist_ok=True)
+    tree = os.open(mine, os.O_RDWR | os.O_CREAT)  # what trainer.sh holds
+    fcntl.flock(tree, fcntl.LOCK_EX)
+    held = []
+    try:
+        assert output_lock.acquire_dir(out) == []
+        held = output_lock.acquire_dir(out.with_name(out.name + "-it"))  # its own lock only, not the pipeline's
+        assert len(held) == 1
+        held += output_lock.acquire_dir(tmp_path / "elsewhere")
+        assert len(held) == 2
+        probe = os.open(tmp_path / "elsewhere.lock", os.O_RDONLY)
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(probe, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        os.close(probe)
+    finally:
+        for fd in [tree, *held]:
+            os.close(fd)
+
+
 def test_a_second_writer_is_told_who_holds_the_output_and_a_killed_holder_frees_it(env, monkeypatch):
     import output_lock
 
@@ -540,15 +572,20 @@ def test_a_build_lock_another_program_holds_open_is_waited_for_not_removed(tmp_p
     """A DeepSpeed program that is not ours builds in the same cache without our flock: torch keeps
     its lock file open for the whole build. That lock is live: it is waited for (within the limit,
     the holder named), never removed under the builder's feet, and the load goes on once it is
-    released."""
+    released. A held lock of another op, reached through a link, is left alone without holding the
+    load up; an unheld one is stale."""
     ext = tmp_path / "ext" / "py_cpu"
-    lock = ext / "deepspeed_shm_comm" / "lock"
-    lock.parent.mkdir(parents=True)
+    lock, other, dead = (ext / "deepspeed_shm_comm" / "lock", ext / "other_op" / "lock", ext / "killed_op" / "lock")
+    for d in (lock, other, dead):
+        d.parent.mkdir(parents=True)
+    dead.write_text("")
+    (tmp_path / "link").symlink_to(other.parent)
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(ext), "DS_ACCELERATOR": "cpu"}
-    hold = ("import os, sys, time; fd = os.open(sys.argv[1], os.O_CREAT | os.O_EXCL); print('held', flush=True); "
-            "sys.stdin.readline(); os.close(fd); os.remove(sys.argv[1]); print('released', flush=True)")
-    builder = subprocess.Popen([sys.executable, "-c", hold, str(lock)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                               text=True)
+    hold = ("import os, sys, time; fds = [os.open(a, os.O_CREAT | os.O_EXCL) for a in sys.argv[1:]]; "
+            "print('held', flush=True); sys.stdin.readline(); os.close(fds[0]); os.remove(sys.argv[1]); "
+            "print('released', flush=True); sys.stdin.readline()")
+    builder = subprocess.Popen([sys.executable, "-c", hold, str(lock), str(tmp_path / "link" / "lock")],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert builder.stdout.readline().strip() == "held"
         code = ("import sys; sys.path.insert(0, '.'); from jit_ops import load_comm_op, BuildLockTimeout\n"
@@ -556,17 +593,18 @@ def test_a_build_lock_another_program_holds_open_is_waited_for_not_removed(tmp_p
         p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=60)
         assert p.returncode == 7 and f"pid {builder.pid}" in p.stdout and str(lock) in p.stdout, p.stdout + p.stderr
-        assert lock.exists()
-        code = ("import sys; sys.path.insert(0, '.'); from jit_ops import _stale_locks; import time\n"
-                "from pathlib import Path; print('stale:', _stale_locks(Path(sys.argv[1]), time.monotonic(), 60.0))")
+        assert lock.exists() and other.exists() and dead.exists()
+        code = ("import sys; sys.path.insert(0, '.'); from jit_ops import _stale_locks\n"
+                "from pathlib import Path; print('stale:', [str(p) for p, _ in _stale_locks(Path(sys.argv[1]), 60.0)])")
         waiter = subprocess.Popen([sys.executable, "-c", code, str(ext)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True)
         time.sleep(3)
         assert waiter.poll() is None, waiter.communicate()  # still waiting for the live build
-        out, _ = builder.communicate("\n", timeout=30)
-        assert builder.returncode == 0 and out.strip() == "released"  # its own release found its lock
+        builder.stdin.write("\n")
+        builder.stdin.flush()
+        assert builder.stdout.readline().strip() == "released"  # its own release found its lock
         out, err = waiter.communicate(timeout=60)
-        assert waiter.returncode == 0 and "stale: []" in out, out + err
+        assert waiter.returncode == 0 and f"stale: [{str(dead)!r}]" in out, out + err  # the other op still held
     finally:
         builder.kill()
         builder.wait()
