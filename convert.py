@@ -173,7 +173,8 @@ class Pusher:
         # taken before any work (a live run there is said now, not after the conversion)
         import output_lock
 
-        self.held = output_lock.acquire_dir(self.target.local_dir) if self.target.local_dir is not None else []
+        self.held = (output_lock.acquire_dir(self.target.local_dir, fix="or push to another directory")
+                     if self.target.local_dir is not None else [])
 
     def push(self, output: Path, kind: str) -> str:
         files = [output] if output.is_file() else sorted(output.iterdir())

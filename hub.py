@@ -19,7 +19,7 @@ from run_state import STATE_FILE
 
 def hub(s: Settings) -> "Hub":
     """The Hub client of these settings, built on first use and kept by the settings object itself
-    (a copy of the settings, or another object, gets a client of its own)."""
+    (another settings object gets a client of its own)."""
     h = s._hub_client
     if h is None or h.s is not s:
         h = s._hub_client = Hub(s)

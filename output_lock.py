@@ -65,7 +65,10 @@ def _holder(path: Path) -> str:
 GRACE_S = 5.0
 
 
-def _lock_fd(fd: int, path: Path, owner: int, grace_s: float = GRACE_S) -> None:
+RUN_FIX = "or give this run its own OUTPUT_REPO and WORK_DIR"
+
+
+def _lock_fd(fd: int, path: Path, owner: int, grace_s: float = GRACE_S, fix: str = RUN_FIX) -> None:
     end = time.monotonic() + grace_s
     while True:
         try:
@@ -77,7 +80,7 @@ def _lock_fd(fd: int, path: Path, owner: int, grace_s: float = GRACE_S) -> None:
                 continue
             raise OutputBusy(f"{path.with_suffix('')} is in use by another run: {_holder(path)}. One run writes an "
                              "output at a time. Fix: wait for that run to finish or stop it (its lock goes with its "
-                             "process, kill -9 included); or give this run its own OUTPUT_REPO and WORK_DIR.") from None
+                             "process, kill -9 included); " + fix + ".") from None
     try:
         cmd = Path(f"/proc/{owner}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
     except OSError:
@@ -101,30 +104,35 @@ def acquire(s: Settings) -> list[int]:
     return fds
 
 
-def acquire_dir(d: Path) -> list[int]:
+def acquire_dir(d: Path, fix: str = "or write to another directory") -> list[int]:
     """Lock a local directory that something other than a pipeline writes into (convert.py --push):
-    the lock a pipeline whose OUTPUT_REPO it is would hold, and where it is a pipeline's chat output
-    (OUTPUT_REPO-it) with that pipeline's lock beside, that one too. Raises OutputBusy naming the
-    holder; released when this process ends or closes the descriptors."""
-    if os.environ.get(INHERITED) == "1":
-        return []
+    the lock a pipeline whose OUTPUT_REPO it is takes, and for a pipeline's chat output
+    (OUTPUT_REPO-it) that pipeline's lock too. Raises OutputBusy naming the holder, BadInput where a
+    lock file cannot be made; released when this process ends or closes the descriptors."""
     d = d.resolve()
     paths = [d.with_name(d.name + ".lock")]
     if d.name.endswith("-it"):
-        pipeline = d.with_name(d.name.removesuffix("-it") + ".lock")
-        if pipeline.exists():  # a pipeline creates its lock file before it writes anything
-            paths.append(pipeline)
-    fds = []
-    for path in paths:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        fds.append(fd)
+        paths.append(d.with_name(d.name.removesuffix("-it") + ".lock"))
+    if os.environ.get(INHERITED) == "1":  # trainer.sh's own outputs are locked already, by this process tree
         try:
-            _lock_fd(fd, path, os.getpid())
-        except BaseException:
-            for f in fds:
-                os.close(f)
-            raise
+            mine = set(lock_files(load_settings()))
+        except BadInput:
+            mine = set()
+        paths = [p for p in paths if p not in mine]
+    fds: list[int] = []
+    try:
+        for path in paths:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fds.append(os.open(path, os.O_RDWR | os.O_CREAT, 0o644))
+            except OSError as e:
+                raise BadInput(f"{d}: cannot make its lock file {path} ({e.strerror}). Fix: a directory you can "
+                               "write, or its parent created with write access for this user") from None
+            _lock_fd(fds[-1], path, os.getpid(), fix=fix)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
     return fds
 
 

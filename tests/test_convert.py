@@ -427,3 +427,9 @@ def test_push_into_a_live_pipelines_output_is_refused_before_any_work(tmp_path, 
     p = run([sys.executable, "convert.py", "gguf", str(src), str(tmp_path / "m.gguf"), "--push", str(target)], env,
             timeout=300)
     assert p.returncode == 0 and (target / "m.gguf").is_file(), p.stdout + p.stderr
+    # a chat output whose pipeline has not started yet: its lock is taken all the same, so a
+    # pipeline that starts during the push waits its turn
+    fresh = tmp_path / "later" / "llama-it"
+    p = run([sys.executable, "convert.py", "gguf", str(src), str(tmp_path / "n.gguf"), "--push", str(fresh)], env,
+            timeout=300)
+    assert p.returncode == 0 and (fresh / "n.gguf").is_file() and (tmp_path / "later" / "llama.lock").is_file()
