@@ -20,25 +20,22 @@ CHUNK_ELEMENTS = 1 << 22
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, normalizer: torch.Tensor):
-        # hidden: (N, d), weight: (V, d), labels: (N,) with -100 = ignored; returns sum(loss) / normalizer
+        # hidden: (N, d), weight: (V, d), labels: (N,) every one a real label (causal_lm_loss drops the
+        # positions without one); returns sum(loss) / normalizer
         n_tokens, vocab = hidden.shape[0], weight.shape[0]
         chunk = max(16, CHUNK_ELEMENTS // vocab)
         grad_hidden = torch.zeros_like(hidden)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for i in range(0, n_tokens, chunk):
-            y = labels[i:i + chunk]
-            valid = y != -100
-            if not bool(valid.any()):
-                continue
+            target = labels[i:i + chunk]
             h = hidden[i:i + chunk]
             logits = (h @ weight.T).float()                       # (c, V)
-            target = y.clamp(min=0)
-            rows = torch.arange(len(y), device=y.device)
-            total += ((torch.logsumexp(logits, -1) - logits[rows, target]) * valid).sum()
+            rows = torch.arange(len(target), device=target.device)
+            total += (torch.logsumexp(logits, -1) - logits[rows, target]).sum()
             grad = torch.softmax(logits, -1)                      # d loss / d logits = softmax − one-hot
             grad[rows, target] -= 1
-            grad *= valid[:, None] / normalizer
+            grad /= normalizer
             grad = grad.to(hidden.dtype)
             grad_hidden[i:i + chunk] = grad @ weight
             grad_weight += (grad.T @ h).float()
