@@ -25,6 +25,7 @@ import stat
 import time
 from pathlib import Path
 
+OP = "deepspeed_shm_comm"  # the op's build folder under the extensions root
 WAIT_S = 600.0  # a first build takes ~20 s on 2 cores; ten minutes means something is wrong
 
 
@@ -37,10 +38,7 @@ def extensions_root() -> Path:
     ~/.cache/torch_extensions/<python>_<accelerator>)."""
     from torch.utils.cpp_extension import _get_build_directory
 
-    return Path(_get_build_directory("deepspeed_shm_comm", verbose=False)).parent
-
-
-OP = "deepspeed_shm_comm"
+    return Path(_get_build_directory(OP, verbose=False)).parent
 
 
 def load_comm_op(log=print, wait_s: float = WAIT_S) -> str:

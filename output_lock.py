@@ -95,12 +95,21 @@ def acquire(s: Settings) -> list[int]:
     trainer.sh, which holds them already. Raises OutputBusy naming the holder."""
     if os.environ.get(INHERITED) == "1":
         return []
-    fds = []
-    for path in lock_files(s):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        _lock_fd(fd, path, os.getpid())
-        fds.append(fd)
+    return _take(lock_files(s))
+
+
+def _take(paths: list[Path], fix: str = RUN_FIX) -> list[int]:
+    """Open (creating them) and lock `paths` for this process; none stays open if one fails."""
+    fds: list[int] = []
+    try:
+        for path in paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fds.append(os.open(path, os.O_RDWR | os.O_CREAT, 0o644))
+            _lock_fd(fds[-1], path, os.getpid(), fix=fix)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
     return fds
 
 
@@ -119,21 +128,11 @@ def acquire_dir(d: Path, fix: str = "or write to another directory") -> list[int
         except BadInput:
             mine = set()
         paths = [p for p in paths if p not in mine]
-    fds: list[int] = []
     try:
-        for path in paths:
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                fds.append(os.open(path, os.O_RDWR | os.O_CREAT, 0o644))
-            except OSError as e:
-                raise BadInput(f"{d}: cannot make its lock file {path} ({e.strerror}). Fix: a directory you can "
-                               "write, or its parent created with write access for this user") from None
-            _lock_fd(fds[-1], path, os.getpid(), fix=fix)
-    except BaseException:
-        for fd in fds:
-            os.close(fd)
-        raise
-    return fds
+        return _take(paths, fix)
+    except OSError as e:
+        raise BadInput(f"{d}: cannot make its lock file {e.filename} ({e.strerror}). Fix: a directory you can "
+                       "write, or its parent created with write access for this user") from None
 
 
 def probe(s: Settings) -> str | None:
