@@ -18,6 +18,7 @@ from typing import Any
 from config import Settings
 from errors import RunFailure
 from files import link_or_copy
+from handoff import CheckpointMetrics, read_manifest
 from hub import PublishConflict
 from run_state import RECORD_FORMAT, STATE_FILE, RunPlan
 from targets import Published, open_target
@@ -31,10 +32,6 @@ class NonFinite(RunFailure):
     label = "publish refused"
 
 
-def read_manifest(work: Path) -> dict[str, Any]:
-    return json.loads((work / "prepared" / "manifest.json").read_text())
-
-
 def unchanged_since(s: Settings, work: Path, plan: RunPlan) -> tuple[Published, dict[str, Any] | None]:
     """What is published at the plan's target, checked to be what this run last saw there (the
     plan's base, or this run's own last periodic checkpoint); and the record to continue."""
@@ -42,7 +39,7 @@ def unchanged_since(s: Settings, work: Path, plan: RunPlan) -> tuple[Published, 
     mine = work / PUBLISHED_BY_RUN
     if mine.exists():
         own = json.loads(mine.read_text())
-        if own.get("run_id") == read_manifest(work)["run_id"]:
+        if own.get("run_id") == read_manifest(work).run_id:
             base = own["publish_id"]
     current = open_target(plan.target, s).read_published()
     if current.publish_id != base:
@@ -57,28 +54,26 @@ def unchanged_since(s: Settings, work: Path, plan: RunPlan) -> tuple[Published, 
     return current, previous
 
 
-def publish_periodic(s: Settings, work: Path, checkpoint: Path, metrics: dict[str, Any]) -> dict[str, Any]:
+def publish_periodic(s: Settings, work: Path, checkpoint: Path, metrics: CheckpointMetrics) -> dict[str, Any]:
     """A periodic checkpoint (SAVE_INTERVAL) published as last-checkpoint/ while the run trains on:
     the same checks and layout as a stopped run's, and the run remembers what it published so that
     its next publish builds on it."""
     manifest = read_manifest(work)
-    plan = RunPlan.from_json(manifest["plan"])
+    plan = manifest.plan
     current, previous = unchanged_since(s, work, plan)
     record = publish_checkpoint(s, plan, work, checkpoint, metrics, previous, current.revision, interrupted=False)
     staged = work / f"{PUBLISHED_BY_RUN}.tmp"
-    staged.write_text(json.dumps({"run_id": manifest["run_id"], "publish_id": record["publish_id"], "step": metrics["step"]}))
+    staged.write_text(json.dumps({"run_id": manifest.run_id, "publish_id": record["publish_id"], "step": metrics.step}))
     staged.replace(work / PUBLISHED_BY_RUN)
     return record
 
 
-def refuse_non_finite(final: Path, metrics: dict[str, Any]) -> None:
-    """The last gate before anything is published: every loss in the metrics and every weight of
-    what is about to be published is finite (a NaN model must never replace a good one, whichever
-    path produced it)."""
+def refuse_non_finite(final: Path, losses: dict[str, float]) -> None:
+    """The last gate before anything is published: every loss the metrics state (`losses`) and every
+    weight of what is about to be published is finite (a NaN model must never replace a good one,
+    whichever path produced it)."""
     from quant_utils import non_finite_tensors
 
-    losses = {k: metrics[k] for k in ("eval_loss", "train_loss", "eval_loss_before", "merged_eval_loss")
-              if isinstance(metrics.get(k), (int, float))}
     bad = [f"{k}={v}" for k, v in losses.items() if not math.isfinite(v)]
     for d in (final, final / "last-checkpoint"):
         if d.is_dir() and any(d.glob("*.safetensors")):
@@ -89,7 +84,7 @@ def refuse_non_finite(final: Path, metrics: dict[str, Any]) -> None:
                         "are unchanged. Fix: a lower LEARNING_RATE, more WARMUP_RATIO, or PRECISION=bf16/fp32.")
 
 
-def publish_checkpoint(s: Settings, plan: RunPlan, work: Path, checkpoint: Path, metrics: dict[str, Any],
+def publish_checkpoint(s: Settings, plan: RunPlan, work: Path, checkpoint: Path, metrics: CheckpointMetrics,
                        previous: dict[str, Any] | None, revision: str | None, interrupted: bool = True) -> dict[str, Any]:
     """A shard stopped mid-way (or saved periodically, not `interrupted`): publish its full-state
     checkpoint as last-checkpoint/ with a record that says where to resume, and nothing else. The
@@ -102,18 +97,18 @@ def publish_checkpoint(s: Settings, plan: RunPlan, work: Path, checkpoint: Path,
     earlier = record.get("resume") or {}
     same = earlier.get("stage") == plan.stage and earlier.get("shard") == plan.shard
     record["resume"] = {
-        "stage": plan.stage, "shard": plan.shard, "step": metrics["step"], "max_steps": metrics["max_steps"],
-        "samples_seen": metrics["samples_seen"], "tokens": metrics["tokens"], "stop_reason": metrics["stop_reason"],
-        "eval_loss_before": earlier.get("eval_loss_before") if same else metrics["eval_loss_before"],
-        "data_fingerprint": metrics["data_fingerprint"],
+        "stage": plan.stage, "shard": plan.shard, "step": metrics.step, "max_steps": metrics.max_steps,
+        "samples_seen": metrics.samples_seen, "tokens": metrics.tokens, "stop_reason": metrics.stop_reason,
+        "eval_loss_before": earlier.get("eval_loss_before") if same else metrics.eval_loss_before,
+        "data_fingerprint": metrics.data_fingerprint,
         "interruptions": (earlier.get("interruptions", 0) if same else 0) + int(interrupted),
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    record["publish_id"] = f"{metrics['run_id']}-{uuid.uuid4().hex[:12]}"
+    record["publish_id"] = f"{metrics.run_id}-{uuid.uuid4().hex[:12]}"
     record["settings"] = s.redacted()
 
-    traces = checkpoint.parent / "runs" / str(metrics.get("tensorboard_run", ""))
-    traces = traces if metrics.get("tensorboard_run") and traces.is_dir() else None
+    traces = checkpoint.parent / "runs" / metrics.tensorboard_run
+    traces = traces if metrics.tensorboard_run and traces.is_dir() else None
 
     def fill(staged: Path) -> None:
         shutil.copytree(checkpoint, staged / "last-checkpoint", copy_function=link_or_copy)
@@ -122,7 +117,7 @@ def publish_checkpoint(s: Settings, plan: RunPlan, work: Path, checkpoint: Path,
             shutil.rmtree(staged / "runs" / traces.name, ignore_errors=True)  # links to an earlier copy, if any
             shutil.copytree(traces, staged / "runs" / traces.name)
 
-    open_target(plan.target, s).deliver(work, fill, f"{plan.stage} shard {plan.shard}: checkpoint at step {metrics['step']}",
+    open_target(plan.target, s).deliver(work, fill, f"{plan.stage} shard {plan.shard}: checkpoint at step {metrics.step}",
                                         record["publish_id"], revision,
                                         only=["last-checkpoint/", STATE_FILE] + ([f"runs/{traces.name}/"] if traces is not None else []))
     return record

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import status_page
 from config import Settings
+from handoff import Manifest
 from tracking import log_validation_loss
 from stopping import StopRequested, check_stop
 from train_control import all_ranks_max, log
@@ -196,7 +197,7 @@ def validation_loss(model, dataset, collator, batch_size: int, precision: str) -
     return total / max(count, 1)
 
 
-def make_evaluator(s: Settings, trainer, tok, work: Path, manifest: dict[str, Any], precision: str, budget):
+def make_evaluator(s: Settings, trainer, tok, work: Path, manifest: Manifest, precision: str, budget):
     """The evaluation during training (evaluation.py) wired to this trainer: the validation loss of
     the model as it trains (a stop request during it, on any rank, cuts it short everywhere), the
     best weights kept by rank 0, each evaluation reported (TensorBoard eval/loss, the status page,
@@ -226,7 +227,7 @@ def make_evaluator(s: Settings, trainer, tok, work: Path, manifest: dict[str, An
         if not rank0:
             return
         status_page.emit("eval", tokens=int(trainer.state.num_input_tokens_seen), loss=loss)
-        log_validation_loss(trainer, s, work, manifest, step, loss, samples(model, tok, manifest["plan"]["stage"] == "instruct"))
+        log_validation_loss(trainer, s, work, manifest, step, loss, samples(model, tok, manifest.plan.inst))
 
     evaluator = Evaluator(interval, s.early_stopping_patience, s.best_model, measure, save_best,
                           lambda path: load_trainable(model, path), work, log)

@@ -27,6 +27,7 @@ import status_page
 from architecture import arch_from_config, count_parameters, llama_config
 from config import Settings, architecture, load_settings, resolve_precision
 from errors import BadInput, failure_exit, quiet_disk_full_in_threads
+from handoff import MANIFEST_FILE, Manifest
 from quant_utils import convert, non_finite_tensors, verify_checkpoint
 from output_lock import INHERITED, acquire
 from run_state import RunPlan, this_runs_plan, validate_checkpoint
@@ -314,7 +315,7 @@ def take_model(src: Path, out: Path, want: str, compute: str, fmt: dict[str, Any
 # --- the stage ---------------------------------------------------------------------------------------
 
 
-def prepare(s: Settings, plan: RunPlan) -> dict[str, Any]:
+def prepare(s: Settings, plan: RunPlan) -> Manifest:
     """Write WORK_DIR/prepared for `plan`; returns the manifest."""
     work = Path(s.work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -341,25 +342,22 @@ def prepare(s: Settings, plan: RunPlan) -> dict[str, Any]:
         tok.save_pretrained(staged / "tokenizer")
         data = encode_shard(s, plan, shard, tok, staged)
         origin, arch = prepare_model(s, plan, tok, staged / "model", source_dir, source_format, precision)
-        manifest = {
-            "run_id": uuid.uuid4().hex,
-            "plan": plan.to_json(),
-            "dataset": shard.spec, "rows": shard.end - shard.start, "documents": data["documents"],
-            "shards_total": shard.total,
-            "tokens": data["tokens"], "sequences": data["train_sequences"] + data["val_sequences"],
-            "train_sequences": data["train_sequences"], "val_sequences": data["val_sequences"],
+        manifest = Manifest(
+            run_id=uuid.uuid4().hex, plan=plan, dataset=shard.spec, rows=shard.end - shard.start,
+            documents=data["documents"], shards_total=shard.total, tokens=data["tokens"],
+            sequences=data["train_sequences"] + data["val_sequences"],
+            train_sequences=data["train_sequences"], val_sequences=data["val_sequences"],
             **({"sources": data["sources"]} if data["sources"] else {}),
-            "packed_chats": data["packed"], **({"train_chats": data["train_chats"]} if data["packed"] else {}),
-            "raw_bytes": data["raw_bytes"], "tokenize_seconds": data["tokenize_seconds"],
-            "architecture": arch, "parameters": count_parameters(arch),
-            "train_format": plan.train_format(s.use_quant), "source_format": source_format,
-            "prep_seconds": time.perf_counter() - t0,
-            "data_fingerprint": data["fingerprint"],
+            packed_chats=data["packed"], **({"train_chats": data["train_chats"]} if data["packed"] else {}),
+            raw_bytes=data["raw_bytes"], tokenize_seconds=data["tokenize_seconds"],
+            architecture=arch, parameters=count_parameters(arch),
+            train_format=plan.train_format(s.use_quant), source_format=source_format,
+            prep_seconds=time.perf_counter() - t0, data_fingerprint=data["fingerprint"],
             **({"origin": {**origin, "tokenizer": s.tokenizer or s.base_model}}
                if plan.source is None and (s.tokenizer or s.base_model) else {}),
             **({"resume": {"checkpoint": "checkpoint", **plan.resume}} if checkpoint_src is not None else {}),
-        }
-        (staged / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        )
+        manifest.write(staged / MANIFEST_FILE)
     return manifest
 
 

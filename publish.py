@@ -24,7 +24,8 @@ import status_page
 import util
 from config import Settings, load_settings
 from errors import failure_exit, quiet_disk_full_in_threads
-from delivery import publish_checkpoint, read_manifest, refuse_non_finite, unchanged_since
+from delivery import publish_checkpoint, refuse_non_finite, unchanged_since
+from handoff import METRICS_FILE, CheckpointMetrics, read_manifest, read_metrics
 from hub import retries_made
 from output_lock import INHERITED
 from run_state import STATE_FILE, RunPlan, build_record, plan_run, save_plan
@@ -39,19 +40,19 @@ def publish(s: Settings, work: Path) -> tuple[dict[str, Any], RunPlan]:
     from model_card import render_card
 
     manifest = read_manifest(work)
-    plan = RunPlan.from_json(manifest["plan"])
+    plan = manifest.plan
     recover_outputs(s)
     final = work / "final"
-    metrics = json.loads((final / "metrics.json").read_text())
-    if metrics.get("run_id") != manifest["run_id"]:
+    metrics = read_metrics(final)
+    if metrics.run_id != manifest.run_id:
         raise RuntimeError(f"{final} was not trained from the prepared data of this run "
-                           f"(run {metrics.get('run_id')} vs {manifest['run_id']}): run train.py again.")
-    refuse_non_finite(final, metrics)
+                           f"(run {metrics.run_id} vs {manifest.run_id}): run train.py again.")
+    refuse_non_finite(final, metrics.losses())
     current, previous = unchanged_since(s, work, plan)
-    if metrics.get("partial"):
+    if isinstance(metrics, CheckpointMetrics):
         return publish_checkpoint(s, plan, work, final / "last-checkpoint", metrics, previous, current.revision), plan
     record = build_record(s, plan, manifest, metrics, previous)
-    record["publish_id"] = f"{manifest['run_id']}-{uuid.uuid4().hex[:12]}"
+    record["publish_id"] = f"{manifest.run_id}-{uuid.uuid4().hex[:12]}"
     last = record["history"][-1]
 
     # the TensorBoard traces of every earlier run: the target's own, or for the first instruct
@@ -64,7 +65,7 @@ def publish(s: Settings, work: Path) -> tuple[dict[str, Any], RunPlan]:
         if earlier is not None:  # the traces of every earlier run of the pipeline, linked
             for d in sorted(p for p in earlier.iterdir() if p.is_dir()):
                 shutil.copytree(d, staged / "runs" / d.name, copy_function=link_or_copy)
-        shutil.copytree(final, staged, ignore=shutil.ignore_patterns("metrics.json"), dirs_exist_ok=True)
+        shutil.copytree(final, staged, ignore=shutil.ignore_patterns(METRICS_FILE), dirs_exist_ok=True)
         (staged / STATE_FILE).write_text(json.dumps(record, indent=2) + "\n")
         (staged / "README.md").write_text(render_card(record, plan.target))
 

@@ -22,12 +22,15 @@ import time
 import zipfile
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from config import Settings
 from errors import BadInput
+
+if TYPE_CHECKING:
+    from handoff import Manifest, ShardMetrics
 
 STATE_FILE = "training_state.json"
 RECORD_FORMAT = 1  # the newest record format this version reads and writes
@@ -255,13 +258,19 @@ class RunPlan:
     def from_json(cls, data: dict[str, Any]) -> "RunPlan":
         """The plan a stage handed on (prep's manifest); a missing or unknown field is an error here,
         not a wrong run later."""
+        wrong = cls.fields_problem(data)
+        if wrong:
+            raise BadInput([f"the run plan handed on is not this version's: {wrong}. "
+                            "Fix: run prep.py again (the pipeline's stages must come from one version)."])
+        return cls(**data)
+
+    @classmethod
+    def fields_problem(cls, data: dict[str, Any]) -> str | None:
+        """What keeps `data` from being a plan of this version (unknown or missing fields), or None."""
         names = {f.name for f in fields(cls)}
         required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
         unknown, missing = sorted(set(data) - names), sorted(required - set(data))
-        if unknown or missing:
-            raise BadInput([f"the run plan handed on is not this version's: unknown {unknown}, missing {missing}. "
-                            "Fix: run prep.py again (the pipeline's stages must come from one version)."])
-        return cls(**data)
+        return f"unknown {unknown}, missing {missing}" if unknown or missing else None
 
 
 def instruct_target(s: Settings) -> str:
@@ -353,39 +362,33 @@ def this_runs_plan(s: Settings, handed_on: bool) -> RunPlan:
     return plan_run(s)
 
 
-def build_record(s: Settings, plan: RunPlan, manifest: dict[str, Any], metrics: dict[str, Any],
+def build_record(s: Settings, plan: RunPlan, manifest: Manifest, metrics: ShardMetrics,
                  previous: dict[str, Any] | None) -> dict[str, Any]:
     """The new training_state.json: this run appended to the history, and what the next run does."""
     history = list((previous or {}).get("history", []))
-    entry = {"stage": plan.stage, "shard": plan.shard, "shards_total": manifest["shards_total"],
-             "rows": manifest["rows"], "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-             **{k: metrics[k] for k in ("steps", "tokens", "train_loss", "eval_loss_before", "eval_loss",
-                                        "perplexity", "train_runtime_s", "tokens_per_s", "precision",
-                                        "world_size", "train_format", "trainable_parameters", "merged_eval_loss",
-                                        "merge_delta_pct", "resumed_from_step", "first_resumed_step_s", "data_order_sha256",
-                                        "shard_steps", "skipped_steps", "evals", "best_step", "best_eval_loss",
-                                        "last_step_eval_loss", "early_stopped_at")
-                if k in metrics}}
-    if "origin" in manifest:  # where the first run's weights and tokenizer came from (BASE_MODEL, TOKENIZER)
-        entry["origin"] = manifest["origin"]
-    if "sources" in manifest:  # several datasets interleaved: rows, documents and tokens of each in this shard
-        entry["sources"] = manifest["sources"]
+    entry = {"stage": plan.stage, "shard": plan.shard, "shards_total": manifest.shards_total,
+             "rows": manifest.rows, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+             **metrics.history_entry()}
+    if manifest.origin is not None:  # where the first run's weights and tokenizer came from (BASE_MODEL, TOKENIZER)
+        entry["origin"] = manifest.origin
+    if manifest.sources is not None:  # several datasets interleaved: rows, documents and tokens of each in this shard
+        entry["sources"] = manifest.sources
     resumed = (previous or {}).get("resume") or {}
     if resumed.get("stage") == plan.stage and resumed.get("shard") == plan.shard:
         entry["interruptions"] = resumed.get("interruptions", 0)
     history.append(entry)
-    nxt = next_after(plan.stage, plan.shard, manifest["shards_total"])
+    nxt = next_after(plan.stage, plan.shard, manifest.shards_total)
     return {
         "format": RECORD_FORMAT,
         "stage": plan.stage,
         "shard": plan.shard,
-        "shards_total": manifest["shards_total"],
+        "shards_total": manifest.shards_total,
         "next": nxt,
         "done": nxt is None,
         "steps": sum(h.get("steps", 0) for h in history),
         "tokens": sum(h.get("tokens", 0) for h in history),
-        "architecture": manifest["architecture"],
-        "parameters": manifest["parameters"],
+        "architecture": manifest.architecture,
+        "parameters": manifest.parameters,
         "history": history,
         "settings": s.redacted(),
     }

@@ -9,23 +9,22 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 from config import Settings
+from handoff import Manifest
 from train_control import log
 
 
-def tensorboard_run(manifest: dict[str, Any]) -> str:
+def tensorboard_run(manifest: Manifest) -> str:
     """This run's folder under runs/: the published runs/ keeps one per run for the whole pipeline,
     in pipeline order (stage, shard, the step it started at), so `tensorboard --logdir runs` shows
     every shard."""
-    plan, resume = manifest["plan"], manifest.get("resume") or {}
-    order = 1 if plan["stage"] == "pretrain" else 2
-    return (f"{order}-{plan['stage']}-shard{int(plan['shard']):03d}-from-step{int(resume.get('step', 0)):06d}-"
-            f"{manifest['run_id'][:8]}")
+    plan, resume = manifest.plan, manifest.resume or {}
+    order = 1 if plan.stage == "pretrain" else 2
+    return f"{order}-{plan.stage}-shard{plan.shard:03d}-from-step{int(resume.get('step', 0)):06d}-{manifest.run_id[:8]}"
 
 
-def configure_trackers(s: Settings, work: Path, manifest: dict[str, Any]) -> None:
+def configure_trackers(s: Settings, work: Path, manifest: Manifest) -> None:
     """The environment transformers' tracker integrations read (REPORT_TO), set before the trainer
     exists; what the user set wins. W&B runs offline into WORK_DIR/wandb unless a key is given, and
     never captures the console (its capture would see lines before secrets are masked)."""
@@ -57,7 +56,7 @@ def finish_trackers() -> None:
                 "not affected")
 
 
-def log_validation_loss(trainer, s: Settings, work: Path, manifest: dict[str, Any], step: int, loss: float,
+def log_validation_loss(trainer, s: Settings, work: Path, manifest: Manifest, step: int, loss: float,
                         texts: list[dict[str, str]] | None = None) -> None:
     """Validation loss (eval/loss at `step`) into TensorBoard and the trackers, through the trainer's
     log as its train/* go; the sample generations of that evaluation into samples.jsonl beside the

@@ -33,6 +33,7 @@ from config import Settings, deepspeed_config, load_settings, resolve_precision 
 from errors import EXIT_BAD_INPUT, BadInput, failure_exit, quiet_disk_full_in_threads, report
 from evaluation import best_of_shard, epoch_steps, make_evaluator, validation_loss
 from files import link_or_copy, replacing
+from handoff import MANIFEST_FILE, METRICS_FILE, CheckpointMetrics, Manifest, ShardMetrics
 from tracking import configure_trackers, finish_trackers, log_validation_loss, tensorboard_run
 from train_control import PeriodicCheckpoint, log, make_budget_callback, make_status_callback
 from util import run_started
@@ -67,16 +68,15 @@ def checkpointing_arg(on: bool) -> dict[str, bool]:
     return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": on}
 
 
-def sequences_per_batch(s: Settings, manifest: dict[str, Any]) -> int:
+def sequences_per_batch(s: Settings, manifest: Manifest) -> int:
     """Sequences per micro-batch. BATCH_SIZE counts chats when chats are packed: a step trains about
     as many chats as it would one per sequence, in fewer sequences, so packing removes the padding's
     compute and changes nothing else (steps per shard, tokens per step, the learning rate's meaning).
     Steps of BATCH_SIZE packed sequences instead would take ~5x fewer steps on the default set, and
     measured a validation loss 67 % higher after the same tokens."""
-    if not manifest.get("packed_chats"):
+    if not manifest.packed_chats:
         return s.batch_size
-    chats_per_sequence = manifest["train_chats"] / manifest["train_sequences"]
-    return max(1, round(s.batch_size / chats_per_sequence))
+    return max(1, round(s.batch_size / manifest.chats_per_sequence))
 
 
 class PackedCollator:
@@ -112,15 +112,15 @@ def build_trainer(s: Settings, prepared: Path, out: Path, precision: str, callba
 
     from lm_trainer import DATA_ORDER, Trainer
 
-    manifest = json.loads((prepared / "manifest.json").read_text())
+    manifest = Manifest.read(prepared / MANIFEST_FILE)
     tok = AutoTokenizer.from_pretrained(prepared / "tokenizer")
     train_ds, val_ds = load_from_disk(str(prepared / "train")), load_from_disk(str(prepared / "val"))
     micro_batch = sequences_per_batch(s, manifest)
-    ckpt = use_gradient_checkpointing(s, manifest["architecture"], precision, manifest["train_format"] == "nf4")
+    ckpt = use_gradient_checkpointing(s, manifest.architecture, precision, manifest.train_format == "nf4")
     model = load_model(s, prepared, manifest, precision, ckpt)
     configure_trackers(s, out, manifest)
     args = trainer_args(s, out, manifest, precision, ckpt, micro_batch, len(train_ds))
-    packed = manifest.get("packed_chats", False)
+    packed = manifest.packed_chats
     earlier = prepared / "checkpoint" / DATA_ORDER
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds, processing_class=tok,
                       callbacks=callbacks, batch_digests=json.loads(earlier.read_text()) if earlier.exists() else [],
@@ -128,7 +128,7 @@ def build_trainer(s: Settings, prepared: Path, out: Path, precision: str, callba
     return trainer, tok, ckpt
 
 
-def load_model(s: Settings, prepared: Path, manifest: dict[str, Any], precision: str, ckpt: bool):
+def load_model(s: Settings, prepared: Path, manifest: Manifest, precision: str, ckpt: bool):
     """The prepared model as this run trains it: every weight in fp32 (mixed precision is DeepSpeed's),
     or, NF4, bitsandbytes 4-bit layers with LoRA adapters; its blocks compiled when COMPILE asks."""
     import torch
@@ -136,7 +136,7 @@ def load_model(s: Settings, prepared: Path, manifest: dict[str, Any], precision:
     from architecture import llama_class
     from quant_utils import add_lora
 
-    if manifest["train_format"] == "nf4":
+    if manifest.train_format == "nf4":
         # The NF4 base loads as bitsandbytes 4-bit layers (its config.json carries the quantization
         # config); only the LoRA adapters train. Under ZeRO-2 the frozen 4-bit weights stay whole on
         # every rank and DeepSpeed partitions the adapters' gradients and optimizer states.
@@ -146,8 +146,8 @@ def load_model(s: Settings, prepared: Path, manifest: dict[str, Any], precision:
     else:
         model = llama_class(s.model_impl).from_pretrained(prepared / "model", dtype=torch.float32, attn_implementation="sdpa")
     if s.compile:
-        if manifest["train_format"] == "nf4" or ckpt:
-            log(f"COMPILE=true: not compiling ({'NF4 + LoRA layers' if manifest['train_format'] == 'nf4' else 'gradient checkpointing'}: "
+        if manifest.train_format == "nf4" or ckpt:
+            log(f"COMPILE=true: not compiling ({'NF4 + LoRA layers' if manifest.train_format == 'nf4' else 'gradient checkpointing'}: "
                 "compiled blocks serve full-precision training without it)")
         else:
             model.compile_blocks()
@@ -155,7 +155,7 @@ def load_model(s: Settings, prepared: Path, manifest: dict[str, Any], precision:
     return model
 
 
-def trainer_args(s: Settings, out: Path, manifest: dict[str, Any], precision: str, ckpt: bool, micro_batch: int,
+def trainer_args(s: Settings, out: Path, manifest: Manifest, precision: str, ckpt: bool, micro_batch: int,
                  train_rows: int):
     """The trainer's arguments: this run's schedule, precision and DeepSpeed config; saves and
     evaluations are the run's own (a stop or periodic checkpoint; evaluation.py), not the trainer's."""
@@ -206,32 +206,32 @@ def finite_weights(model) -> list[str]:
     return [n for n, p in model.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
 
 
-def describe_run(s: Settings, trainer, manifest: dict[str, Any], precision: str, ckpt: bool, until: float) -> int:
+def describe_run(s: Settings, trainer, manifest: Manifest, precision: str, ckpt: bool, until: float) -> int:
     """Log what this run trains and how; returns the number of trainable parameters."""
     import torch
 
-    plan = manifest["plan"]
-    log(f"{plan['stage']} shard {plan['shard']}: {manifest['train_sequences']} train / {manifest['val_sequences']} val "
+    plan = manifest.plan
+    log(f"{plan.stage} shard {plan.shard}: {manifest.train_sequences} train / {manifest.val_sequences} val "
         f"sequences of <= {s.max_length} tokens; precision {precision}; {trainer.args.world_size} rank(s) on "
         f"{'GPU' if torch.cuda.is_available() else 'CPU'}; ZeRO-2; gradient checkpointing {'on' if ckpt else 'off'}; "
         f"{max(0.0, until - time.time()) / 60:.1f} min of the time budget left")
-    if manifest.get("packed_chats"):
+    if manifest.packed_chats:
         micro = trainer.args.per_device_train_batch_size
-        log(f"chats packed: {manifest['train_chats']} training chats in {manifest['train_sequences']} sequences; "
-            f"{micro} sequence(s) per micro-batch hold ~{micro * manifest['train_chats'] / manifest['train_sequences']:.0f} "
+        log(f"chats packed: {manifest.train_chats} training chats in {manifest.train_sequences} sequences; "
+            f"{micro} sequence(s) per micro-batch hold ~{micro * manifest.chats_per_sequence:.0f} "
             f"chats (BATCH_SIZE={s.batch_size} counts chats)")
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    if manifest["train_format"] == "nf4":
+    if manifest.train_format == "nf4":
         log(f"NF4 base + LoRA r={s.lora_r} alpha={s.lora_alpha:g} on {s.lora_targets}: {trainable:,} trainable parameters")
     else:
         log(f"training every weight: {trainable:,} parameters")
     return trainable
 
 
-def loss_before_shard(s: Settings, trainer, work: Path, manifest: dict[str, Any], precision: str) -> float:
+def loss_before_shard(s: Settings, trainer, work: Path, manifest: Manifest, precision: str) -> float:
     """The validation loss before this shard trained: measured now, or, resuming, the one the
     checkpoint's record carries (the model has trained since). Refuses a model that starts non-finite."""
-    resume, plan = manifest.get("resume"), manifest["plan"]
+    resume, plan = manifest.resume, manifest.plan
     if resume:
         before = float(resume["eval_loss_before"])
         log(f"resuming at step {resume['step']} of this shard from the published checkpoint "
@@ -240,7 +240,7 @@ def loss_before_shard(s: Settings, trainer, work: Path, manifest: dict[str, Any]
         before = validation_loss(trainer.model, trainer.eval_dataset, trainer.data_collator,
                                  trainer.args.per_device_eval_batch_size, precision)
         if not math.isfinite(before):
-            raise BadInput([f"{plan['source'] or 'the fresh model'}: validation loss {before} before any training: the "
+            raise BadInput([f"{plan.source or 'the fresh model'}: validation loss {before} before any training: the "
                             "model's weights or the run's precision produce non-finite values. Fix: publish a healthy "
                             "model there (or INPUT_REPO), or try PRECISION=fp32."])
         log(f"validation loss before training: {before:.4f}")
@@ -260,13 +260,12 @@ def fit(s: Settings, work: Path) -> int:
     transformers.utils.logging.disable_progress_bar()  # weight loading/saving bars; the trainer keeps its own
 
     prepared = work / "prepared"
-    manifest = json.loads((prepared / "manifest.json").read_text())
+    manifest = Manifest.read(prepared / MANIFEST_FILE)
     precision = resolve_precision(s)
     started = run_started()
     until = started + s.time_budget_s()
     budget = make_budget_callback(started, until, s.max_steps)
-    plan = manifest["plan"]
-    resume = manifest.get("resume")
+    plan, resume = manifest.plan, manifest.resume
     try:
         load_comm_op(log)
         trainer, tok, ckpt = build_trainer(s, prepared, work, precision, [budget, make_status_callback()])
@@ -275,16 +274,16 @@ def fit(s: Settings, work: Path) -> int:
         before = loss_before_shard(s, trainer, work, manifest, precision)
         t0 = time.perf_counter()
 
-        def partial(state, reason: str = "a periodic checkpoint") -> dict[str, Any]:
+        def partial(state, reason: str = "a periodic checkpoint") -> CheckpointMetrics:
             """The metrics of a checkpoint mid-shard (periodic, or a stop) at the trainer's `state`."""
-            return {"run_id": manifest["run_id"], "partial": True, "data_fingerprint": manifest["data_fingerprint"],
-                    "stop_reason": reason, "step": state.global_step, "max_steps": state.max_steps,
-                    "eval_loss_before": before,
-                    "samples_seen": state.global_step * trainer.args.per_device_train_batch_size * s.gradient_accumulation_steps * world,
-                    "tokens": int(state.num_input_tokens_seen), "train_runtime_s": time.perf_counter() - t0,
-                    "first_step_s": budget.first_step_s, "tensorboard_run": tensorboard_run(manifest)}
+            return CheckpointMetrics(
+                run_id=manifest.run_id, partial=True, data_fingerprint=manifest.data_fingerprint, stop_reason=reason,
+                step=state.global_step, max_steps=state.max_steps, eval_loss_before=before,
+                samples_seen=state.global_step * trainer.args.per_device_train_batch_size * s.gradient_accumulation_steps * world,
+                tokens=int(state.num_input_tokens_seen), train_runtime_s=time.perf_counter() - t0,
+                first_step_s=budget.first_step_s, tensorboard_run=tensorboard_run(manifest))
 
-        budget.periodic = periodic_checkpoints(s, work, trainer, plan["target"], trainable, partial)
+        budget.periodic = periodic_checkpoints(s, work, trainer, plan.target, trainable, partial)
         evaluator = make_evaluator(s, trainer, tok, work, manifest, precision, budget)
         if evaluator is not None and resume:
             evaluator.read_from(prepared / "checkpoint")
@@ -298,39 +297,31 @@ def fit(s: Settings, work: Path) -> int:
     if budget.periodic is not None:
         budget.periodic.wait()  # this run's next publish builds on the last periodic one
     if budget.stopped:
-        save_stopped(trainer, work, budget.stopped, {**partial(trainer.state, budget.stopped), "train_runtime_s": runtime})
+        save_stopped(trainer, work, budget.stopped, partial(trainer.state, budget.stopped).model_copy(update={"train_runtime_s": runtime}))
         return 0
     metrics = shard_metrics(s, trainer, manifest, precision, ckpt=ckpt, trainable=trainable, first_step_s=budget.first_step_s,
                             train_loss=result.training_loss, before=before, after=after, runtime=runtime)
-    finish_shard(s, trainer, tok, work, manifest, precision, {**metrics, **evaluated})
+    finish_shard(s, trainer, tok, work, manifest, precision, metrics.model_copy(update=evaluated))
     trainer.accelerator.wait_for_everyone()
     return 0
 
 
-def shard_metrics(s: Settings, trainer, manifest: dict[str, Any], precision: str, *, ckpt: bool, trainable: int,
-                  first_step_s: float | None, train_loss: float, before: float, after: float, runtime: float) -> dict[str, Any]:
+def shard_metrics(s: Settings, trainer, manifest: Manifest, precision: str, *, ckpt: bool, trainable: int,
+                  first_step_s: float | None, train_loss: float, before: float, after: float, runtime: float) -> ShardMetrics:
     """What a finished shard's metrics.json says of its training (the evaluations during training
     and the merge add theirs); publish.py keeps them in the record's history."""
-    resume = manifest.get("resume")
-    return {
-        "run_id": manifest["run_id"],
-        "steps": trainer.state.global_step,
-        "tokens": int(trainer.state.num_input_tokens_seen),
-        "train_loss": train_loss,
-        "eval_loss_before": before,
-        "eval_loss": after,
-        "perplexity": math.exp(min(after, 50)) if math.isfinite(after) else after,
-        "train_runtime_s": runtime,
-        "tokens_per_s": int(trainer.state.num_input_tokens_seen) / runtime if runtime > 0 else 0.0,
-        "precision": precision,
-        "world_size": trainer.args.world_size,
-        "gradient_checkpointing": ckpt,
-        "train_format": manifest["train_format"],
-        "trainable_parameters": trainable,
-        "first_step_s": first_step_s,
+    resume = manifest.resume
+    tokens = int(trainer.state.num_input_tokens_seen)
+    return ShardMetrics(
+        run_id=manifest.run_id, steps=trainer.state.global_step, tokens=tokens, train_loss=train_loss,
+        eval_loss_before=before, eval_loss=after,
+        perplexity=math.exp(min(after, 50)) if math.isfinite(after) else after,
+        train_runtime_s=runtime, tokens_per_s=tokens / runtime if runtime > 0 else 0.0, precision=precision,
+        world_size=trainer.args.world_size, train_format=manifest.train_format, trainable_parameters=trainable,
         **({"resumed_from_step": int(resume["step"]), "first_resumed_step_s": first_step_s} if resume else {}),
         **shard_coverage(trainer, s),
-    }
+        gradient_checkpointing=ckpt, first_step_s=first_step_s,
+    )
 
 
 def periodic_checkpoints(s: Settings, work: Path, trainer, target: str, trainable: int, metrics) -> PeriodicCheckpoint | None:
@@ -343,7 +334,7 @@ def periodic_checkpoints(s: Settings, work: Path, trainer, target: str, trainabl
     return periodic
 
 
-def save_stopped(trainer, work: Path, reason: str, metrics: dict[str, Any]) -> None:
+def save_stopped(trainer, work: Path, reason: str, metrics: CheckpointMetrics) -> None:
     """A shard stopped mid-way: its full training state written (rank 0) to publish as last-checkpoint/."""
     log(f"stopped by {reason} at step {trainer.state.global_step} of {trainer.state.max_steps}: saving the full training "
         "state to publish as last-checkpoint/ (the next run resumes here; the state does not advance)")
@@ -372,26 +363,27 @@ def evaluate_trained(s: Settings, trainer, budget, evaluator, precision: str) ->
     return after, {}
 
 
-def finish_shard(s: Settings, trainer, tok, work: Path, manifest: dict[str, Any], precision: str,
-                 metrics: dict[str, Any]) -> None:
+def finish_shard(s: Settings, trainer, tok, work: Path, manifest: Manifest, precision: str,
+                 metrics: ShardMetrics) -> None:
     """A shard trained to its end: its last evaluation reported, the batch order kept, and on rank 0
     the model checked finite, merged when NF4 + LoRA, and written to WORK_DIR/final with `metrics`."""
     from lm_trainer import DATA_ORDER
 
-    after, tokens = metrics["eval_loss"], metrics["tokens"]
+    after, tokens = metrics.eval_loss, metrics.tokens
     # The last step's evaluation, unless an early stop made it during training (reported then).
-    if trainer.is_world_process_zero() and metrics.get("early_stopped_at") != trainer.state.global_step:
+    if trainer.is_world_process_zero() and metrics.early_stopped_at != trainer.state.global_step:
         status_page.emit("eval", tokens=tokens, loss=after)
-        log_validation_loss(trainer, s, work, manifest, trainer.state.global_step, metrics.get("last_step_eval_loss", after))
-    log(f"validation loss after training: {after:.4f} (perplexity {metrics['perplexity']:.2f}); "
-        f"{metrics['steps']} steps, {tokens:,} tokens in {metrics['train_runtime_s']:.0f} s ({metrics['tokens_per_s']:,.0f} tokens/s)")
-    metrics["data_order_sha256"] = hashlib.sha256(json.dumps(trainer.batch_digests).encode()).hexdigest()
+        log_validation_loss(trainer, s, work, manifest, trainer.state.global_step,
+                            metrics.last_step_eval_loss if metrics.last_step_eval_loss is not None else after)
+    log(f"validation loss after training: {after:.4f} (perplexity {metrics.perplexity:.2f}); "
+        f"{metrics.steps} steps, {tokens:,} tokens in {metrics.train_runtime_s:.0f} s ({metrics.tokens_per_s:,.0f} tokens/s)")
+    metrics.data_order_sha256 = hashlib.sha256(json.dumps(trainer.batch_digests).encode()).hexdigest()
     if trainer.is_world_process_zero():
         (work / "runs").mkdir(parents=True, exist_ok=True)
         (work / "runs" / DATA_ORDER).write_text(json.dumps(trainer.batch_digests))
         model = trainer.accelerator.unwrap_model(trainer.model_wrapped)
         refuse_non_finite(model, after)
-        if manifest["train_format"] == "nf4":
+        if manifest.train_format == "nf4":
             model = merge_checked(model, trainer, precision, after, metrics)
         save_final(model, tok, work, precision, metrics)
 
@@ -441,7 +433,7 @@ def refuse_non_finite(model, eval_loss: float | None) -> None:
                            "LEARNING_RATE, more WARMUP_RATIO, or PRECISION=bf16/fp32 instead of fp16.")
 
 
-def merge_checked(peft_model, trainer, precision: str, adapter_loss: float, metrics: dict[str, Any]):
+def merge_checked(peft_model, trainer, precision: str, adapter_loss: float, metrics: ShardMetrics):
     """The adapters merged into a plain float model (quant_utils.to_float), refused when its
     validation loss strays from the adapter's by more than 0.5%: a merge must not lose the training."""
     from quant_utils import storage_dtype, to_float
@@ -455,18 +447,18 @@ def merge_checked(peft_model, trainer, precision: str, adapter_loss: float, metr
     if delta > 0.005:
         raise RuntimeError(f"the merged model's validation loss {merged_loss:.4f} is {delta:.1%} away from the adapter's "
                            f"{adapter_loss:.4f}: not publishing a merge that lost the training")
-    metrics.update({"merged_eval_loss": merged_loss, "merge_delta_pct": delta * 100})
+    metrics.merged_eval_loss, metrics.merge_delta_pct = merged_loss, delta * 100
     return merged
 
 
-def _write_final(work: Path, fill, metrics: dict[str, Any]) -> None:
+def _write_final(work: Path, fill, metrics: ShardMetrics | CheckpointMetrics) -> None:
     """WORK_DIR/final = what `fill(staged)` writes plus metrics.json, written beside and renamed in."""
     with replacing(work / "final") as staged:
         fill(staged)
-        (staged / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        metrics.write(staged / METRICS_FILE)
 
 
-def save_checkpoint(trainer, work: Path, metrics: dict[str, Any]) -> None:
+def save_checkpoint(trainer, work: Path, metrics: CheckpointMetrics) -> None:
     """WORK_DIR/final = the trainer's full-state checkpoint (model or adapters, DeepSpeed's optimizer
     and fp32 master weights, scheduler, RNG states, trainer state) as last-checkpoint/, beside a
     metrics.json that marks the run partial."""
@@ -483,7 +475,7 @@ def save_checkpoint(trainer, work: Path, metrics: dict[str, Any]) -> None:
     _write_final(work, fill, metrics)
 
 
-def save_final(model, tok, work: Path, precision: str, metrics: dict[str, Any]) -> None:
+def save_final(model, tok, work: Path, precision: str, metrics: ShardMetrics) -> None:
     """The trained model in HF layout (bf16 when trained in bf16, else fp32) with its tokenizer,
     generation config and TensorBoard traces."""
     from transformers import GenerationConfig
@@ -515,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     except BadInput as e:
         return report(e)
     work = Path(s.work_dir)
-    if not (work / "prepared" / "manifest.json").exists():
+    if not (work / "prepared" / MANIFEST_FILE).exists():
         print(f"{work / 'prepared'}: no prepared data. Fix: run prep.py first (trainer.sh does).", file=sys.stderr)
         return EXIT_BAD_INPUT
     for stale in ("final", "runs", "trainer", "periodic"):

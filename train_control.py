@@ -17,6 +17,7 @@ from transformers import TrainerCallback
 import status_page
 from config import Settings
 from files import link_or_copy
+from handoff import CheckpointMetrics
 from stopping import STOP, check_stop
 from targets import open_target
 
@@ -213,13 +214,13 @@ class PeriodicCheckpoint:
                                        name="publish-checkpoint", daemon=True)
         self.upload.start()
 
-    def _publish(self, snapshot: Path, metrics: dict[str, Any], save_s: float) -> None:
+    def _publish(self, snapshot: Path, metrics: CheckpointMetrics, save_s: float) -> None:
         from quant_utils import non_finite_tensors
         from delivery import publish_periodic
         from hub import PublishConflict
 
         t = time.time()
-        step = metrics["step"]
+        step = metrics.step
         try:
             bad = non_finite_tensors(snapshot)
             if bad:

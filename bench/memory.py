@@ -92,8 +92,11 @@ def measure(case: str, model_dir: str, batch: int, seq: int, steps: int, checkpo
     import trl  # noqa: F401
 
     import train
+    from architecture import count_parameters
     from config import load_settings
+    from handoff import MANIFEST_FILE, Manifest
     from prep import to_dataset
+    from run_state import RunPlan
     from tokenizer import train_tokenizer
 
     transformers.utils.logging.set_verbosity_error()
@@ -110,10 +113,10 @@ def measure(case: str, model_dir: str, batch: int, seq: int, steps: int, checkpo
     rows = torch.randint(0, arch["vocab_size"], (n_train + n_val, seq)).tolist()
     to_dataset(rows[:n_train]).save_to_disk(prepared / "train")
     to_dataset(rows[n_train:]).save_to_disk(prepared / "val")
-    (prepared / "manifest.json").write_text(json.dumps({
-        "architecture": arch, "train_format": "float" if case == "full" else "nf4", "run_id": "bench-memory",
-        "plan": {"stage": "pretrain", "shard": 0, "target": str(work / "out")}, "data_fingerprint": "bench-memory",
-        "train_sequences": n_train, "val_sequences": n_val}))
+    Manifest.outside_prep(run_id="bench-memory", plan=RunPlan("pretrain", 0, str(work / "out"), None),
+                          architecture=arch, parameters=count_parameters(arch),
+                          train_format="float" if case == "full" else "nf4", train_sequences=n_train,
+                          val_sequences=n_val, tokens=(n_train + n_val) * seq).write(prepared / MANIFEST_FILE)
     # Training's peak alone: no evaluations during training, no periodic checkpoint.
     s = load_settings({"BATCH_SIZE": str(batch), "MAX_LENGTH": str(seq), "SHARD_STEPS": str(steps), "TIME_BUDGET": "10h",
                        "EVAL_INTERVAL": "0", "SAVE_INTERVAL": "0",

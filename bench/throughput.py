@@ -151,7 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
     from transformers import LlamaConfig, LlamaForCausalLM
     import train
+    from architecture import count_parameters
     from config import load_settings, resolve_precision
+    from handoff import MANIFEST_FILE, Manifest
+    from run_state import RunPlan
     from prep import pack, to_dataset, tokenize_texts
     from tokenizer import train_tokenizer
 
@@ -182,8 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     to_dataset(blocks[:batch]).save_to_disk(prepared / "val")
     tok.save_pretrained(prepared / "tokenizer")
     model().save_pretrained(prepared / "model")
-    (prepared / "manifest.json").write_text(json.dumps({"architecture": arch, "train_format": "float", "run_id": "bench",
-                                                        "plan": {"stage": "pretrain", "shard": 0}}))
+    Manifest.outside_prep(run_id="bench", plan=RunPlan("pretrain", 0, str(work / "out"), None), architecture=arch,
+                          parameters=count_parameters(arch), train_format="float", train_sequences=need,
+                          val_sequences=batch, tokens=(need + batch) * seq).write(prepared / MANIFEST_FILE)
     # DeepSpeed's CPU comm op is built under our build lock, as train.fit does: another process
     # building it at the same time would otherwise make this engine's own build fail.
     from jit_ops import load_comm_op

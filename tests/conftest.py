@@ -123,3 +123,25 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def a_manifest(plan, **fields):
+    """A manifest as prep writes one, for `plan`: every field stated; `fields` override."""
+    from handoff import Manifest
+
+    base = dict(run_id="run1", plan=plan, dataset="data/pretrain.jsonl", rows=10, documents=10, shards_total=2,
+                tokens=1000, sequences=10, train_sequences=9, val_sequences=1, packed_chats=False, raw_bytes=4000,
+                tokenize_seconds=0.1, architecture={}, parameters=5, train_format="float", source_format=None,
+                prep_seconds=1.0, data_fingerprint="f" * 16)
+    return Manifest(**{**base, **fields})
+
+
+def shard_metrics(**fields):
+    """A finished shard's metrics as train writes them: every required field stated; `fields` override
+    or add."""
+    from handoff import ShardMetrics
+
+    base = dict(run_id="run1", steps=3, tokens=100, train_loss=2.0, eval_loss_before=7.0, eval_loss=1.5,
+                perplexity=4.5, train_runtime_s=10.0, tokens_per_s=10.0, precision="fp32", world_size=1,
+                train_format="float", trainable_parameters=5, gradient_checkpointing=False, first_step_s=1.0)
+    return ShardMetrics(**{**base, **fields})

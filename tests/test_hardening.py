@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, finish, make_env, py, run, start_trainer, wait_for
+from conftest import ROOT, a_manifest, finish, make_env, py, run, shard_metrics, start_trainer, wait_for
 from hub_double import HubDouble
 
 from config import SettingsError, load_settings
@@ -87,10 +87,11 @@ def test_records_the_pipeline_writes_pass_the_schema(tmp_path):
     from run_state import RunPlan, build_record
 
     s = load_settings({"OUTPUT_REPO": str(tmp_path / "o")})
-    manifest = {"shards_total": 2, "rows": 10, "architecture": {}, "parameters": 1}
-    metrics = {"steps": 3, "tokens": 99, "eval_loss": 1.5, "train_loss": 2.0}
-    first = build_record(s, RunPlan("pretrain", 0, "o", None), manifest, metrics, None)
-    last = build_record(s, RunPlan("instruct", 1, "o-it", "o"), manifest, metrics, first)
+    metrics = shard_metrics(steps=3, tokens=99, eval_loss=1.5, train_loss=2.0)
+    plan = RunPlan("pretrain", 0, "o", None)
+    first = build_record(s, plan, a_manifest(plan, parameters=1), metrics, None)
+    plan = RunPlan("instruct", 1, "o-it", "o")
+    last = build_record(s, plan, a_manifest(plan, parameters=1), metrics, first)
     for rec in (first, last):
         assert validate_record(json.dumps(rec), "r") == rec
     assert last["next"] is None and last["done"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from conftest import a_manifest, shard_metrics
 from config import architecture, load_settings
 from files import old
 from run_state import STATE_FILE, RunPlan
@@ -24,13 +25,12 @@ def _published(root: Path, arch: dict) -> None:
 
 def _trained(work: Path, plan: RunPlan, arch: dict) -> None:
     (work / "prepared").mkdir(parents=True)
-    (work / "prepared" / "manifest.json").write_text(json.dumps(
-        {"run_id": "run2", "plan": plan.to_json(), "shards_total": 2, "rows": 10, "architecture": arch, "parameters": 5}))
+    a_manifest(plan, run_id="run2", architecture=arch).write(work / "prepared" / "manifest.json")
     (work / "final" / "runs" / "1-pretrain-shard001-from-step000000-bbbb").mkdir(parents=True)
     (work / "final" / "runs" / "1-pretrain-shard001-from-step000000-bbbb" / "events.out").write_text("shard 1's traces")
     (work / "final" / "config.json").write_text('{"trained": true}')
-    (work / "final" / "metrics.json").write_text(json.dumps(
-        {"run_id": "run2", "steps": 4, "tokens": 120, "eval_loss_before": 2.0, "eval_loss": 1.5, "perplexity": 4.5}))
+    shard_metrics(run_id="run2", steps=4, tokens=120, eval_loss_before=2.0, eval_loss=1.5,
+                  perplexity=4.5).write(work / "final" / "metrics.json")
 
 
 def test_a_publish_after_one_cut_between_its_renames_keeps_the_earlier_runs_traces(tmp_path):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import a_manifest, shard_metrics
 from config import load_settings
 from errors import BadInput
 from run_state import STATE_FILE, build_record, next_after, plan_run
@@ -65,12 +66,13 @@ def test_continuing_without_a_model_is_bad_input(tmp_path):
 
 def test_record_accumulates_history(tmp_path):
     s = settings(tmp_path)
-    manifest = {"shards_total": 2, "rows": 10, "architecture": {}, "parameters": 5}
     from run_state import RunPlan
 
-    r1 = build_record(s, RunPlan("pretrain", 0, "t", None), manifest, {"steps": 3, "tokens": 100}, None)
+    plan = RunPlan("pretrain", 0, "t", None)
+    r1 = build_record(s, plan, a_manifest(plan), shard_metrics(steps=3, tokens=100), None)
     assert r1["next"] == {"inst": False, "init": 1} and not r1["done"]
-    r2 = build_record(s, RunPlan("pretrain", 1, "t", "t"), manifest, {"steps": 4, "tokens": 50}, r1)
+    plan = RunPlan("pretrain", 1, "t", "t")
+    r2 = build_record(s, plan, a_manifest(plan), shard_metrics(steps=4, tokens=50), r1)
     assert r2["next"] == {"inst": True, "init": 0} and r2["steps"] == 7 and r2["tokens"] == 150
     assert len(r2["history"]) == 2
 
@@ -95,8 +97,8 @@ def test_a_shard_of_several_datasets_keeps_its_mix_in_the_record(tmp_path):
 
     mix = [{"path": "web.jsonl", "weight": 0.7, "rows": 7, "documents": 7, "tokens": 700},
            {"path": "code.jsonl", "weight": 0.3, "rows": 3, "documents": 3, "tokens": 300}]
-    manifest = {"shards_total": 2, "rows": 10, "architecture": {}, "parameters": 5, "sources": mix}
-    r = build_record(settings(tmp_path), RunPlan("pretrain", 0, "t", None), manifest, {"steps": 3, "tokens": 1000}, None)
+    plan = RunPlan("pretrain", 0, "t", None)
+    r = build_record(settings(tmp_path), plan, a_manifest(plan, sources=mix), shard_metrics(steps=3, tokens=1000), None)
     assert r["history"][0]["sources"] == mix
     assert Record.model_validate(json.loads(json.dumps(r))).history[0].model_extra["sources"] == mix  # the next run reads it
 
