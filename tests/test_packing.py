@@ -121,11 +121,18 @@ def test_packed_loss_equals_the_chats_loss_alone(impl):
 
 
 def test_batch_size_counts_chats_when_they_are_packed():
+    from conftest import a_manifest
     from config import load_settings
+    from run_state import RunPlan
     from train import sequences_per_batch
 
     s = load_settings({"BATCH_SIZE": "16"})
-    assert sequences_per_batch(s, {"packed_chats": False, "train_sequences": 100}) == 16
-    assert sequences_per_batch(s, {"packed_chats": True, "train_chats": 3800, "train_sequences": 702}) == 3
-    assert sequences_per_batch(s, {"packed_chats": True, "train_chats": 1000, "train_sequences": 10}) == 1  # never 0
-    assert sequences_per_batch(s, {"packed_chats": True, "train_chats": 50, "train_sequences": 50}) == 16
+    plan = RunPlan("instruct", 0, "o-it", "o")
+
+    def manifest(**fields):
+        return a_manifest(plan, **fields)
+
+    assert sequences_per_batch(s, manifest(packed_chats=False, train_sequences=100)) == 16
+    assert sequences_per_batch(s, manifest(packed_chats=True, train_chats=3800, train_sequences=702)) == 3
+    assert sequences_per_batch(s, manifest(packed_chats=True, train_chats=1000, train_sequences=10)) == 1  # never 0
+    assert sequences_per_batch(s, manifest(packed_chats=True, train_chats=50, train_sequences=50)) == 16
