@@ -18,8 +18,9 @@ class BadInput(ValueError):
     """Bad input (a variable, a dataset, a checkpoint): one line per problem, each naming the input,
     what is wrong and how to fix it. Entry points exit with EXIT_BAD_INPUT, having written nothing."""
 
-    def __init__(self, problems: list[str]):
-        self.problems = problems
+    def __init__(self, problems: list[str] | str):
+        # One string is one problem (not a list of its characters, one per line).
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
         super().__init__("\n".join(problems))
 
 

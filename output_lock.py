@@ -131,8 +131,8 @@ def acquire_dir(d: Path, fix: str = "or write to another directory") -> list[int
     try:
         return _take(paths, fix)
     except OSError as e:
-        raise BadInput(f"{d}: cannot make its lock file {e.filename} ({e.strerror}). Fix: a directory you can "
-                       "write, or its parent created with write access for this user") from None
+        raise BadInput([f"{d}: cannot make its lock file {e.filename} ({e.strerror}). Fix: a directory you can "
+                        "write, or its parent created with write access for this user"]) from None
 
 
 def probe(s: Settings) -> str | None:

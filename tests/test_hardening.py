@@ -492,6 +492,23 @@ def test_a_push_under_trainer_sh_skips_only_the_locks_its_pipeline_holds(env, mo
             os.close(fd)
 
 
+def test_a_lock_file_that_cannot_be_made_is_one_line_of_bad_input(tmp_path, monkeypatch, capsys):
+    """A push target whose lock file cannot be created (here a directory stands in its place) is bad
+    input stated in one line that names the lock file and the fix, on the report every entry point
+    prints."""
+    import output_lock
+    from errors import report
+
+    monkeypatch.delenv(output_lock.INHERITED, raising=False)
+    (tmp_path / "m.lock").mkdir()
+    with pytest.raises(BadInput) as e:
+        output_lock.acquire_dir(tmp_path / "m")
+    assert len(e.value.problems) == 1 and str(tmp_path / "m.lock") in e.value.problems[0]
+    assert report(e.value) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 2 and "Fix: a directory you can write" in err  # "Bad input:" and the problem
+
+
 def test_a_second_writer_is_told_who_holds_the_output_and_a_killed_holder_frees_it(env, monkeypatch):
     import output_lock
 
