@@ -145,3 +145,21 @@ def shard_metrics(**fields):
                 perplexity=4.5, train_runtime_s=10.0, tokens_per_s=10.0, precision="fp32", world_size=1,
                 train_format="float", trainable_parameters=5, gradient_checkpointing=False, first_step_s=1.0)
     return ShardMetrics(**{**base, **fields})
+
+
+def call_main(main, argv: list[str], env: dict[str, str], monkeypatch, capsys) -> tuple[int, str, str]:
+    """An entry point's `main(argv)` run in this process with `env` as its whole environment, as its
+    command line runs it: the exit code, stdout and stderr. The datasets cache follows env's HF_HOME
+    (the library reads the variable once, at import)."""
+    import datasets
+
+    for k in list(os.environ):
+        if k not in env:
+            monkeypatch.delenv(k)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", Path(env["HF_HOME"]) / "datasets")
+    capsys.readouterr()
+    rc = main(argv)
+    out = capsys.readouterr()
+    return rc, out.out, out.err

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, py, run, tree_digest
+from conftest import ROOT, call_main, py, run, tree_digest
 from errors import BadInput
 from prep import pack, split_indices, tokenize_chats
 from sources import shard_bounds
@@ -143,8 +143,7 @@ def _fake_published_model(dst: Path) -> None:
     tok.save_pretrained(dst)
 
 
-@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
-def test_bad_input_exits_2_naming_it_and_writes_nothing(env, tmp_path, case):
+def _bad_input_env(env: dict[str, str], tmp_path: Path, case: str) -> tuple[dict[str, str], str]:
     make, needle = BAD_INPUTS[case]
     if case == "INIT past the last shard":
         env["INIT"] = "5"
@@ -155,15 +154,42 @@ def test_bad_input_exits_2_naming_it_and_writes_nothing(env, tmp_path, case):
         env.update(make(tmp_path))
     if "INPUT_REPO" in env:
         _fake_published_model(Path(env["INPUT_REPO"]))
-    out_before = tree_digest(Path(env["OUTPUT_REPO"]))
-    for entry in ("preflight.py", "prep.py"):
-        p = run(py(entry), env, timeout=300)
-        assert p.returncode == 2, (entry, p.stdout, p.stderr)
-        assert needle in p.stdout + p.stderr, (entry, p.stdout, p.stderr)
-        assert "Fix" in p.stdout + p.stderr or "fix" in (p.stdout + p.stderr).lower() or "accepted" in p.stderr.lower()
+    return env, needle
+
+
+def _wrote_nothing(env: dict[str, str], out_before: str) -> None:
     assert not (Path(env["WORK_DIR"]) / "prepared").exists()
     assert tree_digest(Path(env["OUTPUT_REPO"])) == out_before
     assert not Path(env["OUTPUT_REPO"] + "-it").exists()
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_exits_2_naming_it_and_writes_nothing(env, tmp_path, case, monkeypatch, capsys):
+    """Each bad input, through preflight's and prep's main() in this process (the command line's
+    own exit code: the test below)."""
+    import preflight
+    import prep
+
+    env, needle = _bad_input_env(env, tmp_path, case)
+    out_before = tree_digest(Path(env["OUTPUT_REPO"]))
+    for entry in (preflight.main, prep.main):
+        rc, out, err = call_main(entry, [], env, monkeypatch, capsys)
+        assert rc == 2, (entry.__module__, out, err)
+        assert needle in out + err, (entry.__module__, out, err)
+        assert "Fix" in out + err or "fix" in (out + err).lower() or "accepted" in err.lower()
+    _wrote_nothing(env, out_before)
+
+
+@pytest.mark.parametrize("case", ["bad variable", "no text column"])
+def test_bad_input_exits_2_from_the_command_line(env, tmp_path, case):
+    """The entry points as a user runs them: a bad setting and a bad dataset exit 2, named, with
+    nothing written."""
+    env, needle = _bad_input_env(env, tmp_path, case)
+    out_before = tree_digest(Path(env["OUTPUT_REPO"]))
+    for entry in ("preflight.py", "prep.py"):
+        p = run(py(entry), env, timeout=300)
+        assert p.returncode == 2 and needle in p.stdout + p.stderr, (entry, p.stdout, p.stderr)
+    _wrote_nothing(env, out_before)
 
 
 @pytest.mark.parametrize("form", ["jsonl", "parquet", "txt", "directory"])
