@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import py, run, tree_digest
+from conftest import call_main, py, run, tree_digest
 from config import load_settings
 from errors import BadInput
 from quant_utils import add_lora, checkpoint_format, convert, to_float, verify_checkpoint
@@ -94,16 +94,19 @@ def test_broken_checkpoint_is_named(models, tmp_path, how):
 
 
 @pytest.mark.parametrize("how", ["missing", "extra", "shape", "truncated"])
-def test_broken_published_model_stops_the_run_with_exit_2(env, models, how):
-    """A run continuing from a broken published model exits 2 naming it, and publishes nothing."""
+def test_broken_published_model_stops_the_run_with_exit_2(env, models, how, monkeypatch, capsys):
+    """A run continuing from a broken published model exits 2 naming it, and publishes nothing
+    (prep's main() in this process; its command line's exit code is test_prep's)."""
+    import prep
+
     out = Path(env["OUTPUT_REPO"])
     name = _break(models / "bf16", out, how)
     (out / "training_state.json").write_text(json.dumps({"stage": "pretrain", "shard": 0, "next": {"inst": False, "init": 1},
                                                          "history": []}))
     before = tree_digest(out)
     env["USE_QUANT"] = "true"
-    p = run(py("prep.py"), env, timeout=300)
-    assert p.returncode == 2 and name in p.stderr, p.stderr
+    rc, _, err = call_main(prep.main, [], env, monkeypatch, capsys)
+    assert rc == 2 and name in err, err
     assert tree_digest(out) == before and not (Path(env["WORK_DIR"]) / "prepared").exists()
 
 
