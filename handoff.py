@@ -36,8 +36,8 @@ def _defect(err: dict[str, Any]) -> str:
 
 class _Handoff(BaseModel):
     # strict: 1.5 is not an int and "true" is not a bool; forbid: a field this version does not know
-    # means another version wrote the file.
-    model_config = ConfigDict(strict=True, extra="forbid")
+    # means another version wrote the file. A field assigned later is checked as it is assigned.
+    model_config = ConfigDict(strict=True, extra="forbid", validate_assignment=True)
     FIX: ClassVar[str]
 
     def to_json(self) -> dict[str, Any]:
@@ -52,6 +52,11 @@ class _Handoff(BaseModel):
         except ValidationError as e:
             defects = "; ".join(_defect(err) for err in e.errors())
             raise BadInput([f"{where}: not what this version's stages hand on ({defects}). {cls.FIX}"]) from None
+
+    def with_fields(self, fields: dict[str, Any]):
+        """A copy with `fields` added or changed, checked like the rest (an unknown one is an error
+        here, not a key silently left out of the file)."""
+        return type(self).model_validate({**self.model_dump(exclude_unset=True, round_trip=True), **fields})
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_json(), indent=2))

@@ -274,13 +274,15 @@ def fit(s: Settings, work: Path) -> int:
         before = loss_before_shard(s, trainer, work, manifest, precision)
         t0 = time.perf_counter()
 
-        def partial(state, reason: str = "a periodic checkpoint") -> CheckpointMetrics:
-            """The metrics of a checkpoint mid-shard (periodic, or a stop) at the trainer's `state`."""
+        def partial(state, reason: str = "a periodic checkpoint", runtime: float | None = None) -> CheckpointMetrics:
+            """The metrics of a checkpoint mid-shard (periodic, or a stop) at the trainer's `state`,
+            `runtime` seconds into training (None: now)."""
             return CheckpointMetrics(
                 run_id=manifest.run_id, partial=True, data_fingerprint=manifest.data_fingerprint, stop_reason=reason,
                 step=state.global_step, max_steps=state.max_steps, eval_loss_before=before,
                 samples_seen=state.global_step * trainer.args.per_device_train_batch_size * s.gradient_accumulation_steps * world,
-                tokens=int(state.num_input_tokens_seen), train_runtime_s=time.perf_counter() - t0,
+                tokens=int(state.num_input_tokens_seen),
+                train_runtime_s=time.perf_counter() - t0 if runtime is None else runtime,
                 first_step_s=budget.first_step_s, tensorboard_run=tensorboard_run(manifest))
 
         budget.periodic = periodic_checkpoints(s, work, trainer, plan.target, trainable, partial)
@@ -297,11 +299,11 @@ def fit(s: Settings, work: Path) -> int:
     if budget.periodic is not None:
         budget.periodic.wait()  # this run's next publish builds on the last periodic one
     if budget.stopped:
-        save_stopped(trainer, work, budget.stopped, partial(trainer.state, budget.stopped).model_copy(update={"train_runtime_s": runtime}))
+        save_stopped(trainer, work, budget.stopped, partial(trainer.state, budget.stopped, runtime))
         return 0
     metrics = shard_metrics(s, trainer, manifest, precision, ckpt=ckpt, trainable=trainable, first_step_s=budget.first_step_s,
                             train_loss=result.training_loss, before=before, after=after, runtime=runtime)
-    finish_shard(s, trainer, tok, work, manifest, precision, metrics.model_copy(update=evaluated))
+    finish_shard(s, trainer, tok, work, manifest, precision, metrics.with_fields(evaluated))
     trainer.accelerator.wait_for_everyone()
     return 0
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from pydantic import ValidationError
 
 from conftest import a_manifest, shard_metrics
 from errors import BadInput
@@ -59,6 +60,13 @@ def test_the_history_entry_holds_what_the_shard_measured_and_nothing_of_the_run_
     assert m.history_entry()["merged_eval_loss"] == 1.5
     # The record's key order: the order the fields are declared in.
     assert list(entry)[:4] == ["steps", "tokens", "train_loss", "eval_loss_before"]
+    # What the evaluations add is checked as it is added: a field no version knows is an error, not
+    # a key that silently never reaches the record.
+    assert m.with_fields({"best_step": 2, "evals": [[2, 1.4]]}).history_entry()["evals"] == [[2, 1.4]]
+    with pytest.raises(ValidationError, match="best_weights"):
+        m.with_fields({"best_weights": "x"})
+    with pytest.raises(ValidationError, match="merge_delta_pct"):
+        m.merge_delta_pct = "small"
 
 
 def test_metrics_state_their_losses_for_the_publish_gate():
