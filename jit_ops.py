@@ -196,6 +196,17 @@ def sweep_comm_buffers(log=print) -> int:
     return removed
 
 
+def single_rank_env() -> dict[str, str]:
+    """The environment of a one-rank process group on this machine, as the deepspeed launcher sets it
+    for one rank, on a port nobody holds (a busy one makes the rendezvous wait)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+
+
 def release_comm_buffers() -> None:
     """Once every rank has mapped every rank's buffer (after the first barrier following DeepSpeed's
     initialisation), each rank unlinks its own file: the mappings live on, and the kernel frees

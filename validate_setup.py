@@ -30,7 +30,6 @@ import logging
 import os
 import re
 import shutil
-import socket
 import sys
 import time
 from pathlib import Path
@@ -135,16 +134,12 @@ def fn_deepspeed() -> str:
     import torch
     import torch.distributed as dist
 
-    from jit_ops import load_comm_op
+    from jit_ops import load_comm_op, single_rank_env
 
     # Before DeepSpeed starts its comm backend, which would build the op under torch's bare lock.
     built = load_comm_op(lambda m: print(f"[validate] {m}", flush=True))
     if not dist.is_initialized():
-        with socket.socket() as sock:  # a port nobody holds: a busy one makes the rendezvous wait
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                     "MASTER_PORT": str(port)}.items():
+        for k, v in single_rank_env().items():
             os.environ.setdefault(k, v)
         deepspeed.init_distributed(verbose=False)
     model = _tiny_llama()

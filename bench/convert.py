@@ -160,8 +160,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # A real DeepSpeed ZeRO-2 save of the model, with its config and tokenizer as our checkpoints hold.
     zero = tmp / "zero"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29000 + os.getpid() % 500)}
+    from jit_ops import single_rank_env
+
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", **single_rank_env()}
     p = subprocess.run([sys.executable, "-c", ZERO_SAVE, str(model_dir), str(zero)], cwd=ROOT, env=env,
                        capture_output=True, text=True)
     if p.returncode != 0:

@@ -78,8 +78,9 @@ def measure(case: str, model_dir: str, batch: int, seq: int, steps: int, checkpo
     import torch
 
     cuda = torch.cuda.is_available()
-    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                 "MASTER_PORT": str(29300 + os.getpid() % 500), **({} if cuda else {"DS_ACCELERATOR": "cpu"})}.items():
+    from jit_ops import single_rank_env
+
+    for k, v in {**single_rank_env(), **({} if cuda else {"DS_ACCELERATOR": "cpu"})}.items():
         os.environ.setdefault(k, v)
     import contextlib
     import io

@@ -142,8 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-baseline", action="store_true", help="measure our path only")
     args = ap.parse_args(argv)
     seq, batch = args.seq, args.batch
-    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                 "MASTER_PORT": str(29400 + os.getpid() % 500)}.items():
+    from jit_ops import single_rank_env
+
+    for k, v in single_rank_env().items():
         os.environ.setdefault(k, v)
 
     import datasets

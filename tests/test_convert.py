@@ -205,8 +205,9 @@ def test_our_zero_checkpoint_converts_from_its_fp32_masters(tmp_path):
     """A real DeepSpeed ZeRO-2 save (bf16 weights, fp32 masters, 3 steps): the converted model is
     the masters in bf16, which is what the run's model held, logit for logit."""
     ckpt = tmp_path / "last-checkpoint"
-    env = {**__import__("os").environ, "DS_ACCELERATOR": "cpu", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(__import__("conftest").free_port())}
+    from jit_ops import single_rank_env
+
+    env = {**__import__("os").environ, "DS_ACCELERATOR": "cpu", **single_rank_env()}
     p = subprocess.run([sys.executable, "-c", ZERO_WRITER, str(ckpt), json.dumps({**TINY, "tie_word_embeddings": True})],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
