@@ -26,6 +26,17 @@ MANIFEST_FILE = "manifest.json"  # in WORK_DIR/prepared
 METRICS_FILE = "metrics.json"  # in WORK_DIR/final
 
 
+def _load(path: Path, fix: str, absent: str) -> Any:
+    """The JSON in `path`; a file that is absent, or not JSON (cut short, damaged), is bad input
+    naming it."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BadInput([f"{path}: {absent}"]) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadInput([f"{path}: not valid JSON ({e}). {fix}"]) from None
+
+
 def _defect(err: dict[str, Any]) -> str:
     """One field's problem as pydantic found it, in words."""
     what = {"missing": "missing", "extra_forbidden": "unknown to this version"}.get(err["type"])
@@ -39,6 +50,7 @@ class _Handoff(BaseModel):
     # means another version wrote the file. A field assigned later is checked as it is assigned.
     model_config = ConfigDict(strict=True, extra="forbid", validate_assignment=True)
     FIX: ClassVar[str]
+    ABSENT: ClassVar[str]  # what an absent file means, and its fix
 
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(exclude_unset=True)
@@ -63,7 +75,7 @@ class _Handoff(BaseModel):
 
     @classmethod
     def read(cls, path: Path):
-        return cls.from_json(json.loads(path.read_text()), str(path))
+        return cls.from_json(_load(path, cls.FIX, cls.ABSENT), str(path))
 
 
 class Manifest(_Handoff):
@@ -71,6 +83,7 @@ class Manifest(_Handoff):
     data and its fingerprint, and the model's architecture and format."""
 
     FIX: ClassVar[str] = "Fix: run prep.py again (trainer.sh does): the pipeline's stages must come from one version."
+    ABSENT: ClassVar[str] = "no prepared shard here. Fix: run prep.py first (trainer.sh runs every stage)."
 
     run_id: str
     plan: RunPlan
@@ -133,6 +146,7 @@ def read_manifest(work: Path) -> Manifest:
 
 
 _METRICS_FIX = "Fix: run train.py again (trainer.sh does): the pipeline's stages must come from one version."
+_METRICS_ABSENT = "no trained shard here. Fix: run train.py first (trainer.sh runs every stage)."
 
 
 class ShardMetrics(_Handoff):
@@ -140,6 +154,7 @@ class ShardMetrics(_Handoff):
     shard is these minus NOT_IN_HISTORY, in this order."""
 
     FIX: ClassVar[str] = _METRICS_FIX
+    ABSENT: ClassVar[str] = _METRICS_ABSENT
     NOT_IN_HISTORY: ClassVar[frozenset[str]] = frozenset({"run_id", "gradient_checkpointing", "first_step_s"})
 
     run_id: str
@@ -187,6 +202,7 @@ class CheckpointMetrics(_Handoff):
     resumes from."""
 
     FIX: ClassVar[str] = _METRICS_FIX
+    ABSENT: ClassVar[str] = _METRICS_ABSENT
 
     run_id: str
     partial: Literal[True]
@@ -208,6 +224,6 @@ class CheckpointMetrics(_Handoff):
 def read_metrics(final: Path) -> ShardMetrics | CheckpointMetrics:
     """WORK_DIR/final's metrics: a checkpoint's when marked partial, else a finished shard's."""
     path = final / METRICS_FILE
-    data = json.loads(path.read_text())
+    data = _load(path, _METRICS_FIX, _METRICS_ABSENT)
     kind = CheckpointMetrics if isinstance(data, dict) and data.get("partial") else ShardMetrics
     return kind.from_json(data, str(path))

@@ -88,3 +88,9 @@ def test_read_metrics_tells_a_checkpoint_from_a_finished_shard(tmp_path):
     (tmp_path / "metrics.json").write_text(json.dumps({**ckpt.to_json(), "step": 3.5}))
     with pytest.raises(BadInput, match=r"step: .*run train.py again"):
         read_metrics(tmp_path)
+    (tmp_path / "metrics.json").unlink()
+    with pytest.raises(BadInput, match=r"metrics.json: no trained shard here. Fix: run train.py first"):
+        read_metrics(tmp_path)
+    (tmp_path / "metrics.json").write_text('{"run_id": "r", "par')  # cut short
+    with pytest.raises(BadInput, match=r"metrics.json: not valid JSON .*run train.py again"):
+        read_metrics(tmp_path)

@@ -51,3 +51,22 @@ def test_a_publish_after_one_cut_between_its_renames_keeps_the_earlier_runs_trac
     assert json.loads((root / "config.json").read_text()) == {"trained": True}
     assert json.loads((root / STATE_FILE).read_text())["publish_id"] == record["publish_id"]
     assert not old(root).exists() and sorted(p.name for p in tmp_path.iterdir()) == ["m", "work"]
+
+
+def test_publish_with_nothing_trained_says_which_stage_to_run(tmp_path, monkeypatch, capsys):
+    """`publish.py publish` by hand in a WORK_DIR without a prepared or trained shard: bad input
+    naming the missing file and the stage that writes it, not a traceback. (Each call in its own
+    environment: the output locks a main() takes are this process's until it ends.)"""
+    import publish
+    from conftest import call_main, make_env
+
+    for what, says in (("nothing", "prepared/manifest.json: no prepared shard here. Fix: run prep.py first"),
+                        ("prepared", "final/metrics.json: no trained shard here. Fix: run train.py first")):
+        (tmp_path / what).mkdir()
+        env = make_env(tmp_path / what)
+        if what == "prepared":
+            (Path(env["WORK_DIR"]) / "prepared").mkdir(parents=True)
+            a_manifest(RunPlan("pretrain", 0, env["OUTPUT_REPO"], None)).write(Path(env["WORK_DIR"]) / "prepared" / "manifest.json")
+        rc, _, err = call_main(publish.main, ["publish"], env, monkeypatch, capsys)
+        assert rc == 2 and says in err and "Traceback" not in err, err
+        assert not Path(env["OUTPUT_REPO"]).exists()
