@@ -176,9 +176,14 @@ def samples(model, tok, chat: bool, max_new_tokens: int = 24) -> list[dict[str, 
 
 def validation_loss(model, dataset, collator, batch_size: int, precision: str) -> float:
     """Mean next-token cross-entropy per label token over `dataset` (the same measure before and after
-    training; Trainer.evaluate cannot run on a ZeRO-2 engine before training has built it)."""
+    training; Trainer.evaluate cannot run on a ZeRO-2 engine before training has built it). As in
+    training, the decoder's hidden states go through lm_loss's chunked head, labelled positions
+    only: the full logits (tokens x vocabulary, and their fp32 copy) never exist, here either."""
     import torch
 
+    from lm_loss import causal_lm_loss
+
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: the Llama inside
     device = next(model.parameters()).device
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     was_training = model.training
@@ -191,7 +196,9 @@ def validation_loss(model, dataset, collator, batch_size: int, precision: str) -
             batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
             n = int((batch["labels"][:, 1:] != -100).sum())
             if n:
-                total += float(model(**batch, use_cache=False).loss) * n
+                hidden = core.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                                    position_ids=batch.get("position_ids"), use_cache=False).last_hidden_state
+                total += float(causal_lm_loss(hidden, core.lm_head.weight, batch["labels"])) * n
                 count += n
     model.train(was_training)
     return total / max(count, 1)

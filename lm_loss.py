@@ -17,6 +17,23 @@ import torch
 CHUNK_ELEMENTS = 1 << 22
 
 
+def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor):
+    """One chunk through the head: its fp32 logits (c, V), their row indices, and the chunk's summed loss."""
+    logits = (h @ weight.T).float()                               # (c, V)
+    rows = torch.arange(len(target), device=target.device)
+    return logits, rows, (torch.logsumexp(logits, -1) - logits[rows, target]).sum()
+
+
+def _loss_only(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The summed loss of `hidden` (N, d) against `labels` (N,), chunk by chunk, and nothing for a
+    backward that will not come (an evaluation): the head's one matmul per chunk instead of three."""
+    chunk = max(16, CHUNK_ELEMENTS // weight.shape[0])
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for i in range(0, hidden.shape[0], chunk):
+        total += _chunk_loss(hidden[i:i + chunk], weight, labels[i:i + chunk])[2]
+    return total
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, normalizer: torch.Tensor):
@@ -30,9 +47,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         for i in range(0, n_tokens, chunk):
             target = labels[i:i + chunk]
             h = hidden[i:i + chunk]
-            logits = (h @ weight.T).float()                       # (c, V)
-            rows = torch.arange(len(target), device=target.device)
-            total += (torch.logsumexp(logits, -1) - logits[rows, target]).sum()
+            logits, rows, loss = _chunk_loss(h, weight, target)
+            total += loss
             grad = torch.softmax(logits, -1)                      # d loss / d logits = softmax − one-hot
             grad[rows, target] -= 1
             grad /= normalizer
@@ -54,7 +70,8 @@ def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
 
     Position t predicts labels[t+1]; -100 labels are ignored. With `num_items` (the label tokens of the
     whole accumulated batch, as the Trainer passes it) the sum is divided by that instead of this
-    batch's count, so gradient accumulation averages correctly.
+    batch's count, so gradient accumulation averages correctly. Where no gradient can flow (an
+    evaluation under no_grad) only the loss is computed.
     """
     y = labels[:, 1:].reshape(-1)
     keep = y != -100
@@ -66,4 +83,6 @@ def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
         # at the default size) is not spent. Their gradient is zero either way.
         rows = keep.nonzero().squeeze(1)
         h, y = h.index_select(0, rows), y.index_select(0, rows)
+    if not (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)):
+        return _loss_only(h, weight, y) / n.to(torch.float32)
     return _FusedLinearCrossEntropy.apply(h, weight, y, n.to(torch.float32))

@@ -96,3 +96,48 @@ def test_a_checkpoint_without_evaluation_state_starts_afresh(tmp_path):
     ev, _, _ = _evaluator(tmp_path, [])
     ev.read_from(tmp_path / "no-state")
     assert ev.evals == [] and ev.best is None
+
+
+def test_the_validation_loss_is_the_models_own_without_its_full_logits(monkeypatch):
+    """validation_loss (chunked head, labelled rows only, no gradients) equals the mean per-token loss
+    the model itself computes, over padded rows with masked prompts and over packed chats with
+    positions restarting, in fp32 and under bf16 autocast; and no (tokens x vocabulary) logits are
+    ever made."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import lm_loss
+    from evaluation import validation_loss
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    rows = []
+    for i in range(6):
+        ids = torch.randint(0, 300, (24,)).tolist()
+        labels = [-100] * (4 + i) + ids[4 + i:]  # a prompt without loss
+        rows.append({"input_ids": ids, "labels": labels, "position_ids": list(range(10)) + list(range(14))})
+
+    def collate(batch, packed):
+        out = {"input_ids": torch.tensor([r["input_ids"] for r in batch]), "labels": torch.tensor([r["labels"] for r in batch])}
+        if packed:
+            out["position_ids"] = torch.tensor([r["position_ids"] for r in batch])
+        return out
+
+    for packed in (False, True):
+        total = count = 0
+        with torch.no_grad():
+            for r in rows:  # the model's own loss, one row at a time, weighted by its label tokens
+                b = collate([r], packed)
+                n = int((b["labels"][:, 1:] != -100).sum())
+                total += float(model(**b, use_cache=False).loss) * n  # no cache: packed positions are honoured
+                count += n
+        made = []
+        head = lm_loss._chunk_loss
+        monkeypatch.setattr(lm_loss, "_chunk_loss", lambda h, w, t: made.append(h.shape[0]) or head(h, w, t))
+        ours = validation_loss(model, rows, lambda b, packed=packed: collate(b, packed), 4, "fp32")
+        assert abs(ours - total / count) < 1e-5, (packed, ours, total / count)
+        assert sum(made) == count  # the head saw the labelled positions only
+        low = validation_loss(model, rows, lambda b, packed=packed: collate(b, packed), 4, "bf16")
+        assert abs(low - ours) / ours < 0.01
+        monkeypatch.setattr(lm_loss, "_chunk_loss", head)

@@ -73,3 +73,21 @@ def test_only_positions_with_a_label_go_through_the_head(monkeypatch):
     loss = causal_lm_loss(h, w, none)
     loss.backward()
     assert float(loss) == 0 and h.grad.abs().sum() == 0 and w.grad.abs().sum() == 0
+
+
+def test_without_gradients_only_the_loss_is_computed(monkeypatch):
+    """Under no_grad (an evaluation) the head's gradient matmuls are not run; the loss is the same."""
+    torch.manual_seed(3)
+    h, w = torch.randn(2, 33, 16, requires_grad=True), torch.randn(70, 16, requires_grad=True)
+    y = torch.randint(0, 70, (2, 33))
+    y[0, :5] = -100
+    with_grad = causal_lm_loss(h, w, y)
+    fused = []
+    apply = lm_loss._FusedLinearCrossEntropy.apply
+    monkeypatch.setattr(lm_loss._FusedLinearCrossEntropy, "apply", lambda *a: fused.append(1) or apply(*a))
+    with torch.no_grad():
+        without = causal_lm_loss(h, w, y)
+    assert fused == [] and not without.requires_grad
+    torch.testing.assert_close(without, with_grad.detach(), rtol=1e-6, atol=1e-6)
+    causal_lm_loss(h, w, y).backward()  # with gradients: the fused path, as in training
+    assert fused == [1] and h.grad is not None
