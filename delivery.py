@@ -18,7 +18,7 @@ from typing import Any
 from config import Settings
 from errors import RunFailure
 from files import link_or_copy
-from handoff import CheckpointMetrics, read_manifest
+from handoff import CheckpointMetrics, Manifest, read_manifest
 from hub import PublishConflict
 from run_state import RECORD_FORMAT, STATE_FILE, RunPlan
 from targets import Published, open_target
@@ -32,14 +32,16 @@ class NonFinite(RunFailure):
     label = "publish refused"
 
 
-def unchanged_since(s: Settings, work: Path, plan: RunPlan) -> tuple[Published, dict[str, Any] | None]:
-    """What is published at the plan's target, checked to be what this run last saw there (the
-    plan's base, or this run's own last periodic checkpoint); and the record to continue."""
+def unchanged_since(s: Settings, work: Path, manifest: Manifest) -> tuple[Published, dict[str, Any] | None]:
+    """What is published at the target of this run's plan (`manifest`'s), checked to be what this run
+    last saw there (the plan's base, or this run's own last periodic checkpoint); and the record to
+    continue."""
+    plan = manifest.plan
     base = plan.base
     mine = work / PUBLISHED_BY_RUN
     if mine.exists():
         own = json.loads(mine.read_text())
-        if own.get("run_id") == read_manifest(work).run_id:
+        if own.get("run_id") == manifest.run_id:
             base = own["publish_id"]
     current = open_target(plan.target, s).read_published()
     if current.publish_id != base:
@@ -60,7 +62,7 @@ def publish_periodic(s: Settings, work: Path, checkpoint: Path, metrics: Checkpo
     its next publish builds on it."""
     manifest = read_manifest(work)
     plan = manifest.plan
-    current, previous = unchanged_since(s, work, plan)
+    current, previous = unchanged_since(s, work, manifest)
     record = publish_checkpoint(s, plan, work, checkpoint, metrics, previous, current.revision, interrupted=False)
     staged = work / f"{PUBLISHED_BY_RUN}.tmp"
     staged.write_text(json.dumps({"run_id": manifest.run_id, "publish_id": record["publish_id"], "step": metrics.step}))

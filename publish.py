@@ -48,7 +48,7 @@ def publish(s: Settings, work: Path) -> tuple[dict[str, Any], RunPlan]:
         raise RuntimeError(f"{final} was not trained from the prepared data of this run "
                            f"(run {metrics.run_id} vs {manifest.run_id}): run train.py again.")
     refuse_non_finite(final, metrics.losses())
-    current, previous = unchanged_since(s, work, plan)
+    current, previous = unchanged_since(s, work, manifest)
     if isinstance(metrics, CheckpointMetrics):
         return publish_checkpoint(s, plan, work, final / "last-checkpoint", metrics, previous, current.revision), plan
     record = build_record(s, plan, manifest, metrics, previous)
