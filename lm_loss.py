@@ -17,6 +17,11 @@ import torch
 CHUNK_ELEMENTS = 1 << 22
 
 
+def _chunk_rows(vocab: int) -> int:
+    """Tokens per chunk: CHUNK_ELEMENTS logits, at least 16 rows."""
+    return max(16, CHUNK_ELEMENTS // vocab)
+
+
 def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor):
     """One chunk through the head: its fp32 logits (c, V), their row indices, and the chunk's summed loss."""
     logits = (h @ weight.T).float()                               # (c, V)
@@ -27,7 +32,7 @@ def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor):
 def _loss_only(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The summed loss of `hidden` (N, d) against `labels` (N,), chunk by chunk, and nothing for a
     backward that will not come (an evaluation): the head's one matmul per chunk instead of three."""
-    chunk = max(16, CHUNK_ELEMENTS // weight.shape[0])
+    chunk = _chunk_rows(weight.shape[0])
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for i in range(0, hidden.shape[0], chunk):
         total += _chunk_loss(hidden[i:i + chunk], weight, labels[i:i + chunk])[2]
@@ -40,7 +45,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         # hidden: (N, d), weight: (V, d), labels: (N,) every one a real label (causal_lm_loss drops the
         # positions without one); returns sum(loss) / normalizer
         n_tokens, vocab = hidden.shape[0], weight.shape[0]
-        chunk = max(16, CHUNK_ELEMENTS // vocab)
+        chunk = _chunk_rows(vocab)
         grad_hidden = torch.zeros_like(hidden)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
